@@ -1,0 +1,254 @@
+//! Types shared by vtrace's eBPF programs (`vtrace-ebpf`) and its userspace loader (`vtrace`).
+//!
+//! Everything here is `#[repr(C)]`, without `bool` and without implicit padding, so both sides
+//! see the same bytes. Sizes are asserted at compile time. The userspace side gets `aya::Pod`
+//! impls behind the `user` feature.
+#![no_std]
+
+pub mod packet;
+
+/// Length of a kernel device name (`IFNAMSIZ` in include/uapi/linux/if.h).
+pub const IFNAMSIZ: usize = 16;
+/// How many `--iface` names the kernel-side filter holds.
+pub const MAX_IFACE_FILTERS: usize = 8;
+
+/// The hooks of the stable tracepoint tier. The discriminant indexes `COUNTERS` and is carried
+/// in every [`HopEvent`]. Keep in step with `vtrace/src/hooks.rs` (names, stages).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Hook {
+    /// `net:netif_receive_skb`: a device hands a received packet to the stack.
+    NetifReceiveSkb = 0,
+    /// `net:netif_rx`: a (virtual) device queues a packet to the per-CPU backlog.
+    NetifRx = 1,
+    /// `net:napi_gro_receive_entry`: a NAPI driver passes a packet to GRO.
+    NapiGroReceiveEntry = 2,
+    /// `net:net_dev_queue`: the stack queues a packet for a device (before the qdisc).
+    NetDevQueue = 3,
+    /// `net:net_dev_start_xmit`: the packet reaches the driver's `ndo_start_xmit`.
+    NetDevStartXmit = 4,
+    /// `net:net_dev_xmit`: the driver's `ndo_start_xmit` returned.
+    NetDevXmit = 5,
+    /// `qdisc:qdisc_dequeue`: a qdisc released a packet towards the driver.
+    QdiscDequeue = 6,
+    /// `skb:skb_copy_datagram_iovec`: a reader (VMM, vhost, socket) copies the data out.
+    SkbCopyDatagramIovec = 7,
+    /// `skb:consume_skb`: a normal free.
+    ConsumeSkb = 8,
+    /// `skb:kfree_skb`: a free with a drop reason.
+    KfreeSkb = 9,
+}
+
+pub const HOOK_COUNT: usize = 10;
+
+impl Hook {
+    pub const ALL: [Hook; HOOK_COUNT] = [
+        Hook::NetifReceiveSkb,
+        Hook::NetifRx,
+        Hook::NapiGroReceiveEntry,
+        Hook::NetDevQueue,
+        Hook::NetDevStartXmit,
+        Hook::NetDevXmit,
+        Hook::QdiscDequeue,
+        Hook::SkbCopyDatagramIovec,
+        Hook::ConsumeSkb,
+        Hook::KfreeSkb,
+    ];
+
+    pub fn from_u32(v: u32) -> Option<Hook> {
+        Hook::ALL.get(v as usize).copied()
+    }
+
+    /// The tracepoint's name, as in `/sys/kernel/tracing/events/<group>/<name>`.
+    pub fn tracepoint(self) -> &'static str {
+        match self {
+            Hook::NetifReceiveSkb => "netif_receive_skb",
+            Hook::NetifRx => "netif_rx",
+            Hook::NapiGroReceiveEntry => "napi_gro_receive_entry",
+            Hook::NetDevQueue => "net_dev_queue",
+            Hook::NetDevStartXmit => "net_dev_start_xmit",
+            Hook::NetDevXmit => "net_dev_xmit",
+            Hook::QdiscDequeue => "qdisc_dequeue",
+            Hook::SkbCopyDatagramIovec => "skb_copy_datagram_iovec",
+            Hook::ConsumeSkb => "consume_skb",
+            Hook::KfreeSkb => "kfree_skb",
+        }
+    }
+
+    /// The tracepoint's group (`net`, `qdisc`, `skb`).
+    pub fn group(self) -> &'static str {
+        match self {
+            Hook::QdiscDequeue => "qdisc",
+            Hook::SkbCopyDatagramIovec | Hook::ConsumeSkb | Hook::KfreeSkb => "skb",
+            _ => "net",
+        }
+    }
+}
+
+/// Indexes into the per-CPU `COUNTERS` array after the per-hook packet counts.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Hop events that did not fit in the ring buffer.
+    LostEvents = HOOK_COUNT as u32,
+    /// Sampled packets whose skb could not be added to the tracking map.
+    TrackInsertFailed = HOOK_COUNT as u32 + 1,
+    /// Drops that could not be added to the drop map.
+    DropInsertFailed = HOOK_COUNT as u32 + 2,
+    /// Packets chosen by the 1-in-N sample.
+    Sampled = HOOK_COUNT as u32 + 3,
+    /// Packets whose headers could not be read (not IPv4/IPv6, header not in the linear area).
+    Unparsed = HOOK_COUNT as u32 + 4,
+}
+
+pub const COUNTER_SLOTS: u32 = HOOK_COUNT as u32 + 5;
+
+/// Byte offsets of the kernel struct fields the programs read, resolved in userspace from the
+/// running kernel's BTF (`/sys/kernel/btf/vmlinux`) and set as a global before load: aya-ebpf
+/// has no CO-RE relocations, and layouts differ between kernels and configs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub sk_buff_dev: u32,
+    pub sk_buff_len: u32,
+    pub sk_buff_head: u32,
+    pub sk_buff_mac_header: u32,
+    pub sk_buff_network_header: u32,
+    pub sk_buff_protocol: u32,
+    pub net_device_name: u32,
+    pub net_device_ifindex: u32,
+    /// `net_device.nd_net` (a `possible_net_t` whose first member is `struct net *net`).
+    pub net_device_nd_net: u32,
+    /// `net.ns.inum`: the network namespace's inode number, as `ip netns identify` and
+    /// `/proc/<pid>/ns/net` show it.
+    pub net_ns_inum: u32,
+}
+
+/// `Config::flags` bits.
+pub mod flags {
+    /// Track sampled packets and emit hop events (latency).
+    pub const TRACK: u32 = 1 << 0;
+    /// Count drops at `kfree_skb` (drops).
+    pub const DROPS: u32 = 1 << 1;
+    /// Only report hops on the devices named in `iface_names`.
+    pub const FILTER_IFACE: u32 = 1 << 2;
+    /// Only packets with IP protocol `proto`.
+    pub const FILTER_PROTO: u32 = 1 << 3;
+    /// Only packets from or to `host` (IPv4 as v4-mapped IPv6).
+    pub const FILTER_HOST: u32 = 1 << 4;
+    /// Only packets from or to `port` (TCP/UDP).
+    pub const FILTER_PORT: u32 = 1 << 5;
+    /// Leave out the loopback device (vtrace's own exporter traffic runs there).
+    pub const SKIP_LOOPBACK: u32 = 1 << 6;
+}
+
+/// Load-time configuration: a read-only global the loader sets before load, so the verifier
+/// sees constants and can drop disabled branches.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub offsets: KernelOffsets,
+    pub flags: u32,
+    /// Time 1 packet in `sample_every`, chosen by fingerprint hash (1 = every packet).
+    pub sample_every: u32,
+    pub iface_count: u32,
+    pub proto: u32,
+    pub port: u16,
+    pub _pad: [u8; 2],
+    pub host: [u8; 16],
+    pub iface_names: [[u8; IFNAMSIZ]; MAX_IFACE_FILTERS],
+}
+
+impl Config {
+    pub const fn zeroed() -> Config {
+        Config {
+            offsets: KernelOffsets {
+                sk_buff_dev: 0,
+                sk_buff_len: 0,
+                sk_buff_head: 0,
+                sk_buff_mac_header: 0,
+                sk_buff_network_header: 0,
+                sk_buff_protocol: 0,
+                net_device_name: 0,
+                net_device_ifindex: 0,
+                net_device_nd_net: 0,
+                net_ns_inum: 0,
+            },
+            flags: 0,
+            sample_every: 1,
+            iface_count: 0,
+            proto: 0,
+            port: 0,
+            _pad: [0; 2],
+            host: [0; 16],
+            iface_names: [[0; IFNAMSIZ]; MAX_IFACE_FILTERS],
+        }
+    }
+}
+
+/// One packet seen at one hook: what the kernel sends to userspace for sampled packets.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HopEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC.
+    pub ts_ns: u64,
+    /// The skb's address: the packet's identity within one skb's life.
+    pub skb: u64,
+    /// Content fingerprint from the headers: the identity across copies into new skbs.
+    pub fingerprint: u64,
+    /// `kfree_skb` only: the kernel text address that freed it.
+    pub location: u64,
+    pub hook: u32,
+    pub cpu: u32,
+    pub ifindex: u32,
+    /// Network namespace inode number of the device (0 when the hook has no device).
+    pub netns: u32,
+    /// `kfree_skb` only: `enum skb_drop_reason`.
+    pub reason: u32,
+    /// `skb->len`.
+    pub len: u32,
+    pub ifname: [u8; IFNAMSIZ],
+}
+
+/// Key of the in-kernel drop aggregation: one row per device, reason and location.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DropKey {
+    pub location: u64,
+    pub ifindex: u32,
+    pub netns: u32,
+    pub reason: u32,
+    pub _pad: u32,
+    pub ifname: [u8; IFNAMSIZ],
+}
+
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 40 + 20 + 16 + 16 * MAX_IFACE_FILTERS);
+const _: () = assert!(core::mem::size_of::<HopEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<DropKey>() == 40);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all four are #[repr(C)], made only of integers and integer arrays, and have no
+    // padding (the sizes are asserted above), so every bit pattern is a valid value.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::HopEvent {}
+    unsafe impl aya::Pod for super::DropKey {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+}
+
+/// Bytes of `name` as a NUL-padded kernel device name (truncated to IFNAMSIZ-1).
+pub fn ifname_bytes(name: &[u8]) -> [u8; IFNAMSIZ] {
+    let mut out = [0u8; IFNAMSIZ];
+    let n = if name.len() < IFNAMSIZ - 1 {
+        name.len()
+    } else {
+        IFNAMSIZ - 1
+    };
+    let mut i = 0;
+    while i < n {
+        out[i] = name[i];
+        i += 1;
+    }
+    out
+}

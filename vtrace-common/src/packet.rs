@@ -1,0 +1,255 @@
+//! Packet identity across copies: a content fingerprint from the headers.
+//!
+//! When a VMM or vhost writes a frame into a tap, or netback builds an skb from a guest's grant,
+//! the kernel makes a new skb: its address says nothing about the old one. What survives the copy
+//! is the content. The fingerprint hashes the header fields a bridge or a forwarding VMM does not
+//! change (addresses, protocol, IPv4 id / IPv6 flow label, lengths, ports, TCP seq/ack, ICMP
+//! id+seq) and a few payload bytes. TTL and checksums are left out, so a router that decrements
+//! the TTL still joins.
+//!
+//! This code runs in the eBPF programs (on fixed-size buffers read with `bpf_probe_read_kernel`,
+//! constant indices only, so the verifier has nothing to prove) and in userspace tests.
+
+/// Bytes read at the Ethernet header: 14 + two VLAN tags.
+pub const L2_READ: usize = 22;
+/// Bytes read at the network header: a full IPv6 header, or IPv4 without options.
+pub const L3_READ: usize = 40;
+/// Bytes read at the transport header: TCP up to its flags, UDP/ICMP header and 16 payload bytes.
+pub const L4_READ: usize = 24;
+
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_8021Q: u16 = 0x8100;
+pub const ETH_P_8021AD: u16 = 0x88a8;
+
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_ICMPV6: u8 = 58;
+
+/// Where the network header starts relative to the Ethernet header, and its ethertype, after
+/// stepping over up to two in-band VLAN tags (802.1Q / 802.1ad). Tags the NIC stripped into
+/// `skb->vlan_tci` are not in memory and need no stepping over.
+pub fn parse_l2(eth: &[u8; L2_READ]) -> Option<(u16, u32)> {
+    let mut ethertype = be16(eth[12], eth[13]);
+    let mut off = 14u32;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = be16(eth[16], eth[17]);
+        off = 18;
+        if ethertype == ETH_P_8021Q {
+            ethertype = be16(eth[20], eth[21]);
+            off = 22;
+        }
+    }
+    if ethertype == ETH_P_IP || ethertype == ETH_P_IPV6 {
+        Some((ethertype, off))
+    } else {
+        None
+    }
+}
+
+/// What the network header says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct L3 {
+    pub proto: u8,
+    /// Offset of the transport header from the network header.
+    pub l4_off: u32,
+    /// Bytes of transport header and payload (IP total length minus the IP header).
+    pub l4_len: u32,
+    /// IPv4 addresses as v4-mapped IPv6 (::ffff:a.b.c.d).
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    /// IPv4 identification, or the IPv6 flow label.
+    pub ident: u32,
+}
+
+pub fn parse_l3(ethertype: u16, ip: &[u8; L3_READ]) -> Option<L3> {
+    if ethertype == ETH_P_IP {
+        if ip[0] >> 4 != 4 {
+            return None;
+        }
+        let ihl = ((ip[0] & 0x0f) as u32) * 4;
+        let total = be16(ip[2], ip[3]) as u32;
+        if ihl < 20 || total < ihl {
+            return None;
+        }
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        src[10] = 0xff;
+        src[11] = 0xff;
+        dst[10] = 0xff;
+        dst[11] = 0xff;
+        src[12] = ip[12];
+        src[13] = ip[13];
+        src[14] = ip[14];
+        src[15] = ip[15];
+        dst[12] = ip[16];
+        dst[13] = ip[17];
+        dst[14] = ip[18];
+        dst[15] = ip[19];
+        Some(L3 {
+            proto: ip[9],
+            l4_off: ihl,
+            l4_len: total - ihl,
+            src,
+            dst,
+            ident: be16(ip[4], ip[5]) as u32,
+        })
+    } else if ethertype == ETH_P_IPV6 {
+        if ip[0] >> 4 != 6 {
+            return None;
+        }
+        let mut src = [0u8; 16];
+        let mut dst = [0u8; 16];
+        let mut i = 0;
+        while i < 16 {
+            src[i] = ip[8 + i];
+            dst[i] = ip[24 + i];
+            i += 1;
+        }
+        Some(L3 {
+            proto: ip[6],
+            l4_off: 40,
+            l4_len: be16(ip[4], ip[5]) as u32,
+            src,
+            dst,
+            ident: ((ip[1] as u32 & 0x0f) << 16) | ((ip[2] as u32) << 8) | ip[3] as u32,
+        })
+    } else {
+        None
+    }
+}
+
+/// The transport ports, 0 for protocols without ports.
+pub fn ports(l3: &L3, l4: &[u8; L4_READ]) -> (u16, u16) {
+    match l3.proto {
+        IPPROTO_TCP | IPPROTO_UDP => (be16(l4[0], l4[1]), be16(l4[2], l4[3])),
+        _ => (0, 0),
+    }
+}
+
+/// The content fingerprint of a packet; never 0 (0 means "no fingerprint").
+///
+/// `l4` holds what was read at the transport header; only bytes within the packet (`l4_len`)
+/// are hashed, so memory past the end of a short packet never changes the result.
+pub fn fingerprint(l3: &L3, l4: &[u8; L4_READ]) -> u64 {
+    let mut h = Hasher::new();
+    h.bytes16(&l3.src);
+    h.bytes16(&l3.dst);
+    h.word(((l3.proto as u64) << 32) | l3.l4_len as u64);
+    h.word(l3.ident as u64);
+    // Transport fields that survive a copy: ports and TCP seq/ack and flags; the UDP length;
+    // ICMP type/code/id/seq. Then payload bytes up to L4_READ, bounded by the packet's length.
+    let covered = if l3.l4_len < L4_READ as u32 {
+        l3.l4_len as usize
+    } else {
+        L4_READ
+    };
+    let mut i = 0;
+    while i < L4_READ {
+        // Checksums change when a router rewrites the TTL (ICMP and UDP keep theirs, but TCP
+        // and UDP checksums may be offloaded and still partial): leave them out.
+        let is_checksum = match l3.proto {
+            IPPROTO_TCP => i == 16 || i == 17,
+            IPPROTO_UDP => i == 6 || i == 7,
+            IPPROTO_ICMP | IPPROTO_ICMPV6 => i == 2 || i == 3,
+            _ => false,
+        };
+        if i < covered && !is_checksum {
+            h.byte(l4[i]);
+        }
+        i += 1;
+    }
+    let v = h.finish();
+    if v == 0 {
+        1
+    } else {
+        v
+    }
+}
+
+/// Consistent sampling: every hop, on both sides of a copy, takes the same decision for the
+/// same packet because it is taken from the fingerprint alone.
+pub fn sampled(fingerprint: u64, every: u32) -> bool {
+    every <= 1 || (fingerprint >> 17) % every as u64 == 0
+}
+
+/// The packet filter set at load time (`Config`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Filter {
+    /// IP protocol, 0 = any.
+    pub proto: u8,
+    /// Source or destination address (v4-mapped for IPv4), when `host_set`.
+    pub host: [u8; 16],
+    pub host_set: bool,
+    /// Source or destination port, 0 = any.
+    pub port: u16,
+}
+
+impl Filter {
+    pub fn matches(&self, l3: &L3, sport: u16, dport: u16) -> bool {
+        if self.proto != 0 && self.proto != l3.proto {
+            return false;
+        }
+        if self.host_set && !eq16(&self.host, &l3.src) && !eq16(&self.host, &l3.dst) {
+            return false;
+        }
+        if self.port != 0 && self.port != sport && self.port != dport {
+            return false;
+        }
+        true
+    }
+}
+
+fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let mut i = 0;
+    while i < 16 {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+#[inline(always)]
+fn be16(hi: u8, lo: u8) -> u16 {
+    ((hi as u16) << 8) | lo as u16
+}
+
+/// FNV-1a, 64 bit: tiny, no tables, loop bounds the verifier can see.
+struct Hasher(u64);
+
+impl Hasher {
+    fn new() -> Hasher {
+        Hasher(0xcbf2_9ce4_8422_2325)
+    }
+    #[inline(always)]
+    fn byte(&mut self, b: u8) {
+        self.0 ^= b as u64;
+        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    fn bytes16(&mut self, b: &[u8; 16]) {
+        let mut i = 0;
+        while i < 16 {
+            self.byte(b[i]);
+            i += 1;
+        }
+    }
+    fn word(&mut self, w: u64) {
+        let b = w.to_le_bytes();
+        let mut i = 0;
+        while i < 8 {
+            self.byte(b[i]);
+            i += 1;
+        }
+    }
+    fn finish(&self) -> u64 {
+        // Final avalanche so that `sampled` can take bits from the middle.
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x
+    }
+}

@@ -1,0 +1,116 @@
+//! Reading kernel structs at offsets resolved from the running kernel's BTF.
+//!
+//! aya-ebpf has no CO-RE field relocations, so every offset comes from `CONFIG.offsets`, which
+//! userspace filled in from /sys/kernel/btf/vmlinux before load. All reads go through
+//! `bpf_probe_read_kernel`, which returns an error instead of faulting.
+
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
+use vtrace_common::{
+    packet::{self, L2_READ, L3_READ, L4_READ},
+    IFNAMSIZ,
+};
+
+use crate::config::conf;
+
+/// `(u16)~0U`: the value `skb->mac_header` / `skb->network_header` hold when unset
+/// (include/linux/skbuff.h, `skb_mac_header_was_set`).
+const HEADER_UNSET: u16 = 0xffff;
+
+#[inline(always)]
+unsafe fn read<T>(base: u64, off: u32) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel copes with any address; a bad one returns an error.
+    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
+}
+
+/// `skb->dev`.
+#[inline(always)]
+pub fn skb_dev(skb: u64) -> u64 {
+    // SAFETY: see `read`.
+    unsafe { read::<u64>(skb, conf!(offsets.sk_buff_dev)) }.unwrap_or(0)
+}
+
+/// `skb->len`.
+#[inline(always)]
+pub fn skb_len(skb: u64) -> u32 {
+    // SAFETY: see `read`.
+    unsafe { read::<u32>(skb, conf!(offsets.sk_buff_len)) }.unwrap_or(0)
+}
+
+/// What the loader needs to name a device: ifindex, name, netns inode.
+pub struct DevInfo {
+    pub ifindex: u32,
+    pub netns: u32,
+    pub name: [u8; IFNAMSIZ],
+}
+
+#[inline(always)]
+pub fn dev_ifindex(dev: u64) -> u32 {
+    if dev == 0 {
+        return 0;
+    }
+    // SAFETY: see `read`.
+    unsafe { read::<u32>(dev, conf!(offsets.net_device_ifindex)) }.unwrap_or(0)
+}
+
+#[inline(always)]
+pub fn dev_info(dev: u64, ifindex: u32) -> DevInfo {
+    let mut info = DevInfo {
+        ifindex,
+        netns: 0,
+        name: [0; IFNAMSIZ],
+    };
+    if dev == 0 {
+        return info;
+    }
+    // SAFETY: see `read`; the destination is a stack array of IFNAMSIZ bytes.
+    unsafe {
+        let _ = bpf_probe_read_kernel_buf(
+            (dev + conf!(offsets.net_device_name) as u64) as *const u8,
+            &mut info.name,
+        );
+        // dev->nd_net.net->ns.inum (possible_net_t holds `struct net *net` first).
+        if let Some(net) = read::<u64>(dev, conf!(offsets.net_device_nd_net)) {
+            info.netns = read::<u32>(net, conf!(offsets.net_ns_inum)).unwrap_or(0);
+        }
+    }
+    info
+}
+
+/// The packet's headers, read from the skb's linear data.
+pub struct Headers {
+    pub l3: packet::L3,
+    pub l4: [u8; L4_READ],
+}
+
+/// Finds and reads the network and transport headers of `skb`.
+///
+/// Both on receive (after `eth_type_trans`) and on transmit (`__dev_queue_xmit` resets it), the
+/// Ethernet header is at `head + mac_header`; tun/tap and veth set it too. A device without
+/// Ethernet header (mac == network header, e.g. a tun in IFF_TUN mode) is read from the network
+/// header with `skb->protocol` as ethertype.
+#[inline(always)]
+pub fn headers(skb: u64) -> Option<Headers> {
+    // SAFETY: see `read`; destinations are fixed-size stack arrays.
+    unsafe {
+        let head = read::<u64>(skb, conf!(offsets.sk_buff_head))?;
+        let mac = read::<u16>(skb, conf!(offsets.sk_buff_mac_header))?;
+        let net = read::<u16>(skb, conf!(offsets.sk_buff_network_header))?;
+        let (ethertype, l3_addr) = if mac != HEADER_UNSET && (net == HEADER_UNSET || net > mac) {
+            let mut eth = [0u8; L2_READ];
+            bpf_probe_read_kernel_buf((head + mac as u64) as *const u8, &mut eth).ok()?;
+            let (ethertype, off) = packet::parse_l2(&eth)?;
+            (ethertype, head + mac as u64 + off as u64)
+        } else if net != HEADER_UNSET {
+            let proto = u16::from_be(read::<u16>(skb, conf!(offsets.sk_buff_protocol))?);
+            (proto, head + net as u64)
+        } else {
+            return None;
+        };
+        let mut ip = [0u8; L3_READ];
+        bpf_probe_read_kernel_buf(l3_addr as *const u8, &mut ip).ok()?;
+        let l3 = packet::parse_l3(ethertype, &ip)?;
+        let mut l4 = [0u8; L4_READ];
+        bpf_probe_read_kernel_buf((l3_addr + l3.l4_off as u64) as *const u8, &mut l4).ok()?;
+        Some(Headers { l3, l4 })
+    }
+}

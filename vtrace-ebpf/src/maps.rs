@@ -1,0 +1,35 @@
+//! Maps shared by every stage. Per-CPU where a value is written on every packet, so the hot
+//! path never contends on a cache line.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use vtrace_common::{DropKey, COUNTER_SLOTS};
+
+/// Per-hook packet counts (every packet), then the `Counter` slots (lost events, ...).
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Sampled packets in flight: skb address -> fingerprint. An entry lives from the packet's first
+/// sampled hop until `consume_skb`/`kfree_skb`, because the kernel reuses skb memory at once.
+/// LRU, so a packet whose free we never saw cannot fill it up.
+#[map]
+pub static TRACKED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+
+/// Hop events of sampled packets, for userspace to join and time. The loader sizes it.
+#[map]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+
+/// Drops counted in the kernel, by device, reason and location: no event per drop.
+#[map]
+pub static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+pub fn bump(slot: u32) {
+    if let Some(p) = COUNTERS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot of this CPU; programs on one CPU do not preempt each other here
+        // (tracepoint programs run with migration disabled and are not reentered per CPU).
+        unsafe { *p += 1 };
+    }
+}

@@ -1,0 +1,447 @@
+//! Packet identity: joins hop events into the paths packets take through the host.
+//!
+//! Within one skb's life the skb address is the identity; it is forgotten when the skb is freed
+//! (`consume_skb`/`kfree_skb`), because the kernel hands the same memory to the next packet at
+//! once. When the data is copied into a new skb (a VMM writing to a tap, netback building an skb
+//! from a guest grant, a clone), the new skb is joined to the most recent earlier segment with
+//! the same content fingerprint, within a join window.
+//!
+//! Pure logic: events in, edge and path observations out. The caller resolves device names.
+
+use std::{collections::HashMap, sync::Arc};
+
+use vtrace_common::Hook;
+
+/// One hop of a path: a hook at a device. Device-less hooks (a reader copying the data out, a
+/// free) take the device the skb was last seen on, so `skb_copy_datagram_iovec@tap0` reads as
+/// "the VMM read from tap0".
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Point {
+    pub hook: Hook,
+    pub iface: Arc<str>,
+}
+
+/// One hop event, as the joiner needs it.
+#[derive(Clone, Debug)]
+pub struct HopIn {
+    pub ts: u64,
+    pub skb: u64,
+    pub fingerprint: u64,
+    pub hook: Hook,
+    /// None for hooks without a device.
+    pub iface: Option<Arc<str>>,
+}
+
+/// What the joiner finds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Observation {
+    /// Time between two consecutive hops of one packet.
+    Edge { from: Point, to: Point, ns: u64 },
+    /// A packet's whole path through the host, first hop to last, across joins.
+    Path { hops: Vec<Point>, ns: u64 },
+}
+
+struct Segment {
+    fingerprint: u64,
+    hops: Vec<(Point, u64)>,
+    /// The segment this one was copied from, and how many of its hops came before the copy.
+    parent: Option<(u64, usize)>,
+    /// Children not yet finalized: a segment stays while a child may still need its hops.
+    open_children: u32,
+    /// The largest parent hop count any child was linked at.
+    max_child_link: usize,
+    ended: bool,
+    finalized: bool,
+}
+
+impl Segment {
+    fn last_ts(&self) -> u64 {
+        self.hops.last().map(|h| h.1).unwrap_or(0)
+    }
+}
+
+/// Counters the joiner keeps about itself.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct JoinStats {
+    pub segments: u64,
+    pub joins: u64,
+    /// Segments that never saw their free (lost event, or still in flight at the end).
+    pub unfinished: u64,
+    /// Edges whose later hop carried an earlier timestamp (cross-CPU ordering); timed as 0.
+    pub reordered: u64,
+    /// Events whose fingerprint contradicted the live skb's: the address was reused unseen.
+    pub stale: u64,
+}
+
+pub struct Joiner {
+    segs: HashMap<u64, Segment>,
+    live: HashMap<u64, u64>,
+    by_fp: HashMap<u64, Vec<u64>>,
+    next_id: u64,
+    window_ns: u64,
+    now: u64,
+    out: Vec<Observation>,
+    pub stats: JoinStats,
+}
+
+const NO_IFACE: &str = "-";
+
+impl Joiner {
+    /// `window_ns`: how long after its last hop a segment may still be joined by a copy.
+    pub fn new(window_ns: u64) -> Joiner {
+        Joiner {
+            segs: HashMap::new(),
+            live: HashMap::new(),
+            by_fp: HashMap::new(),
+            next_id: 1,
+            window_ns,
+            now: 0,
+            out: Vec::new(),
+            stats: JoinStats::default(),
+        }
+    }
+
+    /// Observations found since the last call.
+    pub fn drain(&mut self) -> std::vec::Drain<'_, Observation> {
+        self.out.drain(..)
+    }
+
+    /// Packets in flight (for memory accounting).
+    pub fn in_flight(&self) -> usize {
+        self.segs.len()
+    }
+
+    pub fn push(&mut self, ev: HopIn) {
+        self.now = self.now.max(ev.ts);
+        let mut current = self.live.get(&ev.skb).copied();
+        if let Some(id) = current {
+            if self.segs.get(&id).map(|s| s.fingerprint) != Some(ev.fingerprint) {
+                // The address was reused without us seeing the free: close the old one.
+                self.stats.stale += 1;
+                self.end(ev.skb, id);
+                current = None;
+            }
+        }
+        let id = match current {
+            Some(id) => id,
+            None => self.start(&ev),
+        };
+        self.append(id, &ev);
+        if matches!(ev.hook, Hook::ConsumeSkb | Hook::KfreeSkb) {
+            self.end(ev.skb, id);
+        }
+    }
+
+    fn start(&mut self, ev: &HopIn) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.stats.segments += 1;
+        // The most recent segment with the same content, still within the window.
+        let window = self.window_ns;
+        let parent = self.by_fp.get(&ev.fingerprint).and_then(|ids| {
+            ids.iter()
+                .filter_map(|pid| self.segs.get(pid).map(|s| (*pid, s)))
+                .filter(|(_, s)| {
+                    !s.finalized && s.last_ts() <= ev.ts && ev.ts - s.last_ts() <= window
+                })
+                .max_by_key(|(_, s)| s.last_ts())
+                .map(|(pid, s)| (pid, s.hops.len()))
+        });
+        if let Some((pid, link)) = parent {
+            self.stats.joins += 1;
+            if let Some(p) = self.segs.get_mut(&pid) {
+                p.open_children += 1;
+                p.max_child_link = p.max_child_link.max(link);
+            }
+        }
+        self.segs.insert(
+            id,
+            Segment {
+                fingerprint: ev.fingerprint,
+                hops: Vec::new(),
+                parent,
+                open_children: 0,
+                max_child_link: 0,
+                ended: false,
+                finalized: false,
+            },
+        );
+        self.live.insert(ev.skb, id);
+        self.by_fp.entry(ev.fingerprint).or_default().push(id);
+        id
+    }
+
+    fn append(&mut self, id: u64, ev: &HopIn) {
+        let (prev, iface) = {
+            let Some(seg) = self.segs.get(&id) else { return };
+            let prev = match seg.hops.last() {
+                Some(h) => Some(h.clone()),
+                None => seg.parent.and_then(|(pid, link)| {
+                    self.segs
+                        .get(&pid)
+                        .and_then(|p| link.checked_sub(1).and_then(|i| p.hops.get(i)).cloned())
+                }),
+            };
+            let iface = match &ev.iface {
+                Some(i) => i.clone(),
+                None => prev
+                    .as_ref()
+                    .map(|(p, _)| p.iface.clone())
+                    .unwrap_or_else(|| Arc::from(NO_IFACE)),
+            };
+            (prev, iface)
+        };
+        let point = Point { hook: ev.hook, iface };
+        if let Some((from, from_ts)) = prev {
+            if ev.ts < from_ts {
+                self.stats.reordered += 1;
+            }
+            self.out.push(Observation::Edge {
+                from,
+                to: point.clone(),
+                ns: ev.ts.saturating_sub(from_ts),
+            });
+        }
+        if let Some(seg) = self.segs.get_mut(&id) {
+            seg.hops.push((point, ev.ts));
+        }
+    }
+
+    fn end(&mut self, skb: u64, id: u64) {
+        self.live.remove(&skb);
+        if let Some(seg) = self.segs.get_mut(&id) {
+            seg.ended = true;
+        }
+    }
+
+    /// Finalizes segments that ended more than a window ago (all of them with `force`), emitting
+    /// their paths. Live segments silent for 16 windows are taken as ended (their free was lost).
+    pub fn flush(&mut self, force: bool) {
+        let now = self.now;
+        let window = self.window_ns;
+        let stale_live: Vec<(u64, u64)> = self
+            .live
+            .iter()
+            .filter(|(_, id)| {
+                self.segs
+                    .get(id)
+                    .map(|s| force || now.saturating_sub(s.last_ts()) > window.saturating_mul(16))
+                    .unwrap_or(true)
+            })
+            .map(|(skb, id)| (*skb, *id))
+            .collect();
+        for (skb, id) in stale_live {
+            self.stats.unfinished += 1;
+            self.end(skb, id);
+        }
+        let mut due: Vec<(u64, u64)> = self
+            .segs
+            .iter()
+            .filter(|(_, s)| s.ended && !s.finalized && (force || now.saturating_sub(s.last_ts()) > window))
+            .map(|(id, s)| (s.last_ts(), *id))
+            .collect();
+        due.sort_unstable();
+        for (_, id) in due {
+            self.finalize(id);
+        }
+    }
+
+    fn finalize(&mut self, id: u64) {
+        let emit = match self.segs.get_mut(&id) {
+            Some(seg) => {
+                seg.finalized = true;
+                // Its own path, unless every hop after the last copy is only the free.
+                seg.hops[seg.max_child_link.min(seg.hops.len())..]
+                    .iter()
+                    .any(|(p, _)| !matches!(p.hook, Hook::ConsumeSkb | Hook::KfreeSkb))
+                    || seg.open_children == 0 && seg.max_child_link == 0
+            }
+            None => return,
+        };
+        if emit {
+            let hops = self.path_of(id, usize::MAX);
+            if let (Some(first), Some(last)) = (hops.first(), hops.last()) {
+                let ns = last.1.saturating_sub(first.1);
+                self.out.push(Observation::Path {
+                    hops: hops.into_iter().map(|(p, _)| p).collect(),
+                    ns,
+                });
+            }
+        }
+        self.release(id);
+    }
+
+    /// The hops of segment `id` up to `upto`, preceded by its ancestors' hops before each copy.
+    fn path_of(&self, id: u64, upto: usize) -> Vec<(Point, u64)> {
+        let mut chain = Vec::new();
+        let (mut cur, mut limit) = (Some(id), upto);
+        // Guard against cycles, which `start` cannot make, by bounding the walk.
+        for _ in 0..64 {
+            let Some(cid) = cur else { break };
+            let Some(seg) = self.segs.get(&cid) else { break };
+            let n = limit.min(seg.hops.len());
+            chain.push(&seg.hops[..n]);
+            match seg.parent {
+                Some((pid, link)) => {
+                    cur = Some(pid);
+                    limit = link;
+                }
+                None => cur = None,
+            }
+        }
+        chain.into_iter().rev().flatten().cloned().collect()
+    }
+
+    /// Drops a finalized segment once no child needs it, then its parent likewise.
+    fn release(&mut self, mut id: u64) {
+        loop {
+            let Some(seg) = self.segs.get(&id) else { return };
+            if !seg.finalized || seg.open_children > 0 {
+                return;
+            }
+            let parent = seg.parent;
+            let fp = seg.fingerprint;
+            self.segs.remove(&id);
+            if let Some(ids) = self.by_fp.get_mut(&fp) {
+                ids.retain(|x| *x != id);
+                if ids.is_empty() {
+                    self.by_fp.remove(&fp);
+                }
+            }
+            let Some((pid, _)) = parent else { return };
+            if let Some(p) = self.segs.get_mut(&pid) {
+                p.open_children = p.open_children.saturating_sub(1);
+            }
+            id = pid;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(ts: u64, skb: u64, fp: u64, hook: Hook, iface: Option<&str>) -> HopIn {
+        HopIn { ts, skb, fingerprint: fp, hook, iface: iface.map(Arc::from) }
+    }
+
+    fn paths(j: &mut Joiner) -> Vec<(Vec<String>, u64)> {
+        j.drain()
+            .filter_map(|o| match o {
+                Observation::Path { hops, ns } => Some((
+                    hops.iter().map(|p| format!("{}@{}", p.hook.tracepoint(), p.iface)).collect(),
+                    ns,
+                )),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A ping request over the virtual lab path: tap A's skb is read by the VMM and freed, the
+    /// VMM writes the frame into tap B as a new skb with the same content.
+    #[test]
+    fn joins_across_a_copy_into_a_new_skb() {
+        let mut j = Joiner::new(1_000_000);
+        let fp = 0xabc;
+        j.push(ev(1_000, 1, fp, Hook::NetDevStartXmit, Some("tapA")));
+        j.push(ev(1_500, 1, fp, Hook::SkbCopyDatagramIovec, None));
+        j.push(ev(1_600, 1, fp, Hook::ConsumeSkb, None));
+        j.push(ev(9_600, 2, fp, Hook::NetifReceiveSkb, Some("tapB")));
+        j.push(ev(10_000, 2, fp, Hook::ConsumeSkb, None));
+        let edges: Vec<_> = j
+            .drain()
+            .filter_map(|o| match o {
+                Observation::Edge { from, to, ns } => Some((from.hook, to.hook, to.iface.to_string(), ns)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            edges,
+            vec![
+                (Hook::NetDevStartXmit, Hook::SkbCopyDatagramIovec, "tapA".into(), 500),
+                (Hook::SkbCopyDatagramIovec, Hook::ConsumeSkb, "tapA".into(), 100),
+                (Hook::ConsumeSkb, Hook::NetifReceiveSkb, "tapB".into(), 8_000),
+                (Hook::NetifReceiveSkb, Hook::ConsumeSkb, "tapB".into(), 400),
+            ]
+        );
+        j.flush(true);
+        let p = paths(&mut j);
+        assert_eq!(p.len(), 1, "one packet, one path: {p:?}");
+        assert_eq!(p[0].1, 9_000);
+        assert_eq!(p[0].0.len(), 5);
+        assert_eq!(j.stats.joins, 1);
+        assert_eq!(j.in_flight(), 0, "everything released");
+    }
+
+    /// The kernel reuses an skb's memory at once: after the free, the same address is another
+    /// packet and must not extend the first one's path.
+    #[test]
+    fn forgets_the_address_at_free() {
+        let mut j = Joiner::new(1_000);
+        j.push(ev(100, 7, 1, Hook::NetDevQueue, Some("eth0")));
+        j.push(ev(200, 7, 1, Hook::ConsumeSkb, None));
+        j.push(ev(10_000, 7, 2, Hook::NetDevQueue, Some("eth0")));
+        j.push(ev(10_050, 7, 2, Hook::ConsumeSkb, None));
+        j.flush(true);
+        let p = paths(&mut j);
+        assert_eq!(p.len(), 2);
+        assert!(p.iter().all(|(_, ns)| *ns < 200), "{p:?}");
+        assert_eq!(j.stats.joins, 0, "different content never joins");
+    }
+
+    /// Same content far apart in time (a retransmission, or a repeated ping payload) is not a
+    /// copy: the window stops the join.
+    #[test]
+    fn does_not_join_outside_the_window() {
+        let mut j = Joiner::new(1_000);
+        j.push(ev(100, 1, 5, Hook::NetDevQueue, Some("a")));
+        j.push(ev(150, 1, 5, Hook::ConsumeSkb, None));
+        j.flush(false);
+        j.push(ev(5_000, 2, 5, Hook::NetifReceiveSkb, Some("b")));
+        j.push(ev(5_100, 2, 5, Hook::ConsumeSkb, None));
+        j.flush(true);
+        assert_eq!(j.stats.joins, 0);
+        assert_eq!(paths(&mut j).len(), 2);
+    }
+
+    /// A reused address whose free event was lost: the fingerprint differs, so the old segment
+    /// is closed instead of growing a nonsense edge.
+    #[test]
+    fn a_lost_free_does_not_glue_two_packets() {
+        let mut j = Joiner::new(1_000);
+        j.push(ev(100, 9, 1, Hook::NetDevQueue, Some("a")));
+        j.push(ev(900, 9, 2, Hook::NetDevQueue, Some("a")));
+        j.flush(true);
+        assert_eq!(j.stats.stale, 1);
+        let edges = j.drain().filter(|o| matches!(o, Observation::Edge { .. })).count();
+        assert_eq!(edges, 0);
+    }
+
+    /// A clone (bridge flood, raw socket delivery) forks the path; each edge is reported once,
+    /// and a parent whose only hop after the fork is its free adds no path of its own.
+    #[test]
+    fn clones_fork_the_path() {
+        let mut j = Joiner::new(10_000);
+        j.push(ev(100, 1, 3, Hook::NetifReceiveSkb, Some("eth0")));
+        j.push(ev(200, 2, 3, Hook::SkbCopyDatagramIovec, None)); // the clone, read by a socket
+        j.push(ev(250, 2, 3, Hook::ConsumeSkb, None));
+        j.push(ev(300, 1, 3, Hook::KfreeSkb, None)); // the original, dropped (NO_SOCKET)
+        j.flush(true);
+        let obs: Vec<_> = j.drain().collect();
+        let edges = obs.iter().filter(|o| matches!(o, Observation::Edge { .. })).count();
+        let paths = obs.iter().filter(|o| matches!(o, Observation::Path { .. })).count();
+        assert_eq!(edges, 3);
+        assert_eq!(paths, 1);
+        assert_eq!(j.in_flight(), 0);
+    }
+
+    #[test]
+    fn silent_live_segments_expire() {
+        let mut j = Joiner::new(100);
+        j.push(ev(100, 1, 1, Hook::NetDevQueue, Some("a")));
+        j.push(ev(100_000, 2, 2, Hook::NetDevQueue, Some("a")));
+        j.flush(false);
+        assert_eq!(j.stats.unfinished, 1);
+        assert_eq!(j.in_flight(), 1, "only the fresh one remains");
+    }
+}

@@ -1,0 +1,130 @@
+//! `vtrace latency`: per-stage latency across the host data path, joined across copies.
+
+pub mod compare;
+pub mod join;
+pub mod report;
+
+use std::{cell::RefCell, io::IsTerminal, time::Duration};
+
+use anyhow::Result;
+use vtrace_common::{flags, Counter, Hook};
+
+use crate::{
+    cli::{FilterArgs, LatencyArgs},
+    session::{self, IfaceNamer, Timing},
+    tracer::TracerOptions,
+};
+use join::{HopIn, Joiner};
+use report::Aggregate;
+
+/// The hooks `latency` attaches: the stable tracepoint tier.
+pub const HOOKS: [Hook; 10] = Hook::ALL;
+
+pub fn run(args: &LatencyArgs) -> Result<()> {
+    let config = args.filter.config(flags::TRACK, args.sample)?;
+    let opts = TracerOptions { config, hooks: HOOKS.to_vec(), ring_bytes: args.ring_kib.saturating_mul(1024) };
+    let timing = Timing { duration: args.duration.map(Duration::from_secs_f64), interval: Duration::from_secs_f64(args.interval) };
+    // Both callbacks of the session feed the same joiner and histograms.
+    let joiner = RefCell::new(Joiner::new((args.window_ms * 1e6) as u64));
+    let agg = RefCell::new(Aggregate::new());
+    let mut namer = IfaceNamer::new();
+    let mut final_report = None;
+    let live = !args.json && std::io::stdout().is_terminal();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(session::run(
+        opts,
+        timing,
+        |ev| {
+            let Some(hook) = Hook::from_u32(ev.hook) else { return };
+            let iface = match hook {
+                Hook::SkbCopyDatagramIovec | Hook::ConsumeSkb => None,
+                Hook::KfreeSkb if ev.ifindex == 0 => None,
+                _ => Some(namer.name(&ev.ifname, ev.netns)),
+            };
+            let (mut joiner, mut agg) = (joiner.borrow_mut(), agg.borrow_mut());
+            joiner.push(HopIn { ts: ev.ts_ns, skb: ev.skb, fingerprint: ev.fingerprint, hook, iface });
+            for obs in joiner.drain() {
+                agg.add(obs);
+            }
+        },
+        |tracer, elapsed, last| {
+            let (mut joiner, mut agg) = (joiner.borrow_mut(), agg.borrow_mut());
+            joiner.flush(last);
+            for obs in joiner.drain() {
+                agg.add(obs);
+            }
+            let counters = tracer.counters()?;
+            let mut report = agg.report(elapsed.as_secs_f64(), counters.get(Counter::LostEvents));
+            let failed = counters.get(Counter::TrackInsertFailed);
+            if failed > 0 {
+                report.notes.push(format!("{failed} sampled packets could not be tracked (tracking map full)"));
+            }
+            if report.lost_events > 0 {
+                report.notes.push(format!(
+                    "{} hop events were lost (ring buffer full): sample fewer packets (--sample N) or grow --ring-kib",
+                    report.lost_events
+                ));
+            }
+            if last {
+                final_report = Some(report);
+            } else if live {
+                print!("\x1b[2J\x1b[H{}", report.render(args.top));
+            } else if !args.json {
+                println!("{}", report.render(args.top));
+            }
+            Ok(())
+        },
+    ))?;
+    if let Some(report) = final_report {
+        if args.json {
+            println!("{}", serde_json::to_string(&report)?);
+        } else {
+            if live {
+                print!("\x1b[2J\x1b[H");
+            }
+            println!("{}", report.render(args.top));
+        }
+    }
+    Ok(())
+}
+
+impl FilterArgs {
+    /// The load-time configuration for these filters.
+    pub fn config(&self, features: u32, sample: u32) -> Result<vtrace_common::Config> {
+        let btf = crate::kernel::btf::Btf::from_sys_vmlinux()
+            .map_err(|e| anyhow::anyhow!("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {e}"))?;
+        let mut c = vtrace_common::Config::zeroed();
+        c.offsets = crate::kernel::resolve_offsets(&btf)?;
+        c.flags = features;
+        c.sample_every = sample.max(1);
+        if !self.include_loopback {
+            c.flags |= flags::SKIP_LOOPBACK;
+        }
+        if !self.iface.is_empty() {
+            if self.iface.len() > vtrace_common::MAX_IFACE_FILTERS {
+                anyhow::bail!("at most {} --iface names", vtrace_common::MAX_IFACE_FILTERS);
+            }
+            c.flags |= flags::FILTER_IFACE;
+            c.iface_count = self.iface.len() as u32;
+            for (i, name) in self.iface.iter().enumerate() {
+                c.iface_names[i] = vtrace_common::ifname_bytes(name.as_bytes());
+            }
+        }
+        if let Some(p) = self.proto {
+            c.flags |= flags::FILTER_PROTO;
+            c.proto = p.number() as u32;
+        }
+        if let Some(h) = self.host {
+            c.flags |= flags::FILTER_HOST;
+            c.host = match h {
+                std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+                std::net::IpAddr::V6(v6) => v6.octets(),
+            };
+        }
+        if let Some(p) = self.port {
+            c.flags |= flags::FILTER_PORT;
+            c.port = p;
+        }
+        Ok(c)
+    }
+}

@@ -1,0 +1,256 @@
+//! Aggregates edge and path observations into HdrHistograms and renders them: a human table and
+//! the `--json` contract (see README, "vtrace latency --json").
+
+use std::collections::HashMap;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use super::join::{Observation, Point};
+
+/// Histograms per edge and per complete path.
+pub struct Aggregate {
+    edges: HashMap<(Point, Point), Histogram<u64>>,
+    paths: HashMap<Vec<Point>, Histogram<u64>>,
+}
+
+fn new_hist() -> Histogram<u64> {
+    // 3 significant digits, auto-resizing: a few KiB per edge whatever the range.
+    let mut h = Histogram::<u64>::new(3).expect("3 significant digits is valid");
+    h.auto(true);
+    h
+}
+
+impl Default for Aggregate {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Aggregate {
+    pub fn new() -> Aggregate {
+        Aggregate { edges: HashMap::new(), paths: HashMap::new() }
+    }
+
+    pub fn add(&mut self, obs: Observation) {
+        match obs {
+            Observation::Edge { from, to, ns } => {
+                let _ = self.edges.entry((from, to)).or_insert_with(new_hist).record(ns);
+            }
+            Observation::Path { hops, ns } => {
+                let _ = self.paths.entry(hops).or_insert_with(new_hist).record(ns);
+            }
+        }
+    }
+
+    /// The report, edges and paths sorted by count (busiest first).
+    pub fn report(&self, duration_s: f64, lost_events: u64) -> LatencyReport {
+        let mut edges: Vec<EdgeReport> = self
+            .edges
+            .iter()
+            .map(|((from, to), h)| EdgeReport {
+                from: HopRef::of(from),
+                to: HopRef::of(to),
+                count: h.len(),
+                mean_ns: h.mean(),
+                p50_ns: h.value_at_quantile(0.5),
+                p90_ns: h.value_at_quantile(0.9),
+                p99_ns: h.value_at_quantile(0.99),
+                p999_ns: h.value_at_quantile(0.999),
+                max_ns: h.max(),
+            })
+            .collect();
+        edges.sort_by(|a, b| b.count.cmp(&a.count).then(b.mean_ns.total_cmp(&a.mean_ns)));
+        let mut paths: Vec<PathReport> = self
+            .paths
+            .iter()
+            .map(|(hops, h)| PathReport {
+                hops: hops.iter().map(HopRef::of).collect(),
+                count: h.len(),
+                mean_ns: h.mean(),
+                p50_ns: h.value_at_quantile(0.5),
+                p90_ns: h.value_at_quantile(0.9),
+                p99_ns: h.value_at_quantile(0.99),
+                p999_ns: h.value_at_quantile(0.999),
+                max_ns: h.max(),
+            })
+            .collect();
+        paths.sort_by(|a, b| b.count.cmp(&a.count).then(b.hops.len().cmp(&a.hops.len())));
+        LatencyReport { duration_s, lost_events, edges, paths, notes: Vec::new() }
+    }
+}
+
+/// A hook at a device, as users see it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct HopRef {
+    pub hook: String,
+    pub iface: String,
+}
+
+impl HopRef {
+    fn of(p: &Point) -> HopRef {
+        HopRef { hook: p.hook.tracepoint().to_string(), iface: p.iface.to_string() }
+    }
+}
+
+impl std::fmt::Display for HopRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.hook, self.iface)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EdgeReport {
+    pub from: HopRef,
+    pub to: HopRef,
+    pub count: u64,
+    pub mean_ns: f64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub max_ns: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PathReport {
+    pub hops: Vec<HopRef>,
+    pub count: u64,
+    pub mean_ns: f64,
+    pub p50_ns: u64,
+    pub p90_ns: u64,
+    pub p99_ns: u64,
+    pub p999_ns: u64,
+    pub max_ns: u64,
+}
+
+impl PathReport {
+    /// The edges of this path, looked up in `edges` (each edge's own mean over all packets).
+    pub fn edges<'a>(&self, edges: &'a [EdgeReport]) -> Vec<Option<&'a EdgeReport>> {
+        self.hops
+            .windows(2)
+            .map(|w| edges.iter().find(|e| e.from == w[0] && e.to == w[1]))
+            .collect()
+    }
+
+    /// The edge of this path with the largest mean, and its share of the path's mean.
+    pub fn dominant_edge<'a>(&self, edges: &'a [EdgeReport]) -> Option<(&'a EdgeReport, f64)> {
+        let best = self
+            .edges(edges)
+            .into_iter()
+            .flatten()
+            .max_by(|a, b| a.mean_ns.total_cmp(&b.mean_ns))?;
+        let share = if self.mean_ns > 0.0 { best.mean_ns / self.mean_ns } else { 0.0 };
+        Some((best, share))
+    }
+}
+
+/// The `--json` contract: `duration_s`, `lost_events`, `edges[]`, `paths[]` are stable; other
+/// fields may be added.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LatencyReport {
+    pub duration_s: f64,
+    pub lost_events: u64,
+    pub edges: Vec<EdgeReport>,
+    pub paths: Vec<PathReport>,
+    #[serde(default)]
+    pub notes: Vec<String>,
+}
+
+pub fn fmt_ns(ns: f64) -> String {
+    if ns >= 1e9 {
+        format!("{:.2}s", ns / 1e9)
+    } else if ns >= 1e6 {
+        format!("{:.2}ms", ns / 1e6)
+    } else if ns >= 1e3 {
+        format!("{:.1}us", ns / 1e3)
+    } else {
+        format!("{ns:.0}ns")
+    }
+}
+
+impl LatencyReport {
+    /// The human table: the busiest paths with their edges, then the dominant edge in words.
+    pub fn render(&self, max_paths: usize) -> String {
+        use std::fmt::Write;
+        let mut s = String::new();
+        let _ = writeln!(
+            s,
+            "vtrace latency: {:.1}s, {} paths, {} edges, {} lost events",
+            self.duration_s,
+            self.paths.len(),
+            self.edges.len(),
+            self.lost_events
+        );
+        if self.paths.is_empty() {
+            let _ = writeln!(s, "  no complete packet path seen yet (is traffic crossing the traced devices?)");
+        }
+        for (i, p) in self.paths.iter().take(max_paths).enumerate() {
+            let _ = writeln!(
+                s,
+                "\npath {} ({} packets): mean {}  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
+                i + 1,
+                p.count,
+                fmt_ns(p.mean_ns),
+                fmt_ns(p.p50_ns as f64),
+                fmt_ns(p.p90_ns as f64),
+                fmt_ns(p.p99_ns as f64),
+                fmt_ns(p.p999_ns as f64),
+                fmt_ns(p.max_ns as f64)
+            );
+            let _ = writeln!(
+                s,
+                "  {:<34} {:<34} {:>8} {:>9} {:>9} {:>9} {:>9} {:>6}",
+                "from", "to", "count", "mean", "p50", "p99", "max", "share"
+            );
+            for (w, e) in p.hops.windows(2).zip(p.edges(&self.edges)) {
+                let (from, to) = (w[0].to_string(), w[1].to_string());
+                match e {
+                    Some(e) => {
+                        let share = if p.mean_ns > 0.0 { 100.0 * e.mean_ns / p.mean_ns } else { 0.0 };
+                        let _ = writeln!(
+                            s,
+                            "  {:<34} {:<34} {:>8} {:>9} {:>9} {:>9} {:>9} {:>5.0}%",
+                            trunc(&from, 34),
+                            trunc(&to, 34),
+                            e.count,
+                            fmt_ns(e.mean_ns),
+                            fmt_ns(e.p50_ns as f64),
+                            fmt_ns(e.p99_ns as f64),
+                            fmt_ns(e.max_ns as f64),
+                            share
+                        );
+                    }
+                    None => {
+                        let _ = writeln!(s, "  {:<34} {:<34}", trunc(&from, 34), trunc(&to, 34));
+                    }
+                }
+            }
+            if let Some((e, share)) = p.dominant_edge(&self.edges) {
+                let _ = writeln!(
+                    s,
+                    "  => most of this path's time is spent between {} and {}: {} of {} ({:.0}%)",
+                    e.from,
+                    e.to,
+                    fmt_ns(e.mean_ns),
+                    fmt_ns(p.mean_ns),
+                    100.0 * share
+                );
+            }
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "note: {n}");
+        }
+        s
+    }
+}
+
+fn trunc(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut t: String = s.chars().take(n - 1).collect();
+        t.push('~');
+        t
+    }
+}

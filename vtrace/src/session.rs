@@ -1,0 +1,125 @@
+//! A tracing session: start the tracer, read hop events until `--duration` ends or the user
+//! interrupts (SIGINT/SIGTERM), call back per event and per refresh tick, detach on return.
+
+use std::{
+    collections::HashMap,
+    io::IsTerminal,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use tokio::{io::unix::AsyncFd, signal::unix::SignalKind};
+use vtrace_common::HopEvent;
+
+use crate::{
+    kernel::netdev,
+    tracer::{self, Tracer, TracerOptions},
+};
+
+/// How long to run and how often to refresh.
+#[derive(Clone, Copy, Debug)]
+pub struct Timing {
+    /// None: until interrupted.
+    pub duration: Option<Duration>,
+    pub interval: Duration,
+}
+
+/// Names devices as users see them: the bare name in vtrace's own network namespace,
+/// `name@netns` elsewhere (the `ip netns` name where there is one).
+pub struct IfaceNamer {
+    own_netns: u32,
+    netns_names: HashMap<u32, String>,
+    cache: HashMap<([u8; 16], u32), Arc<str>>,
+}
+
+impl Default for IfaceNamer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl IfaceNamer {
+    pub fn new() -> IfaceNamer {
+        IfaceNamer {
+            own_netns: netdev::own_netns(),
+            netns_names: netdev::netns_names().into_iter().collect(),
+            cache: HashMap::new(),
+        }
+    }
+
+    pub fn name(&mut self, ifname: &[u8; 16], netns: u32) -> Arc<str> {
+        if let Some(n) = self.cache.get(&(*ifname, netns)) {
+            return n.clone();
+        }
+        let base = crate::ifname(ifname);
+        let name = if netns == 0 || netns == self.own_netns {
+            base
+        } else {
+            if !self.netns_names.contains_key(&netns) {
+                self.netns_names = netdev::netns_names().into_iter().collect();
+            }
+            match self.netns_names.get(&netns) {
+                Some(ns) => format!("{base}@{ns}"),
+                None => format!("{base}@netns:{netns}"),
+            }
+        };
+        let name: Arc<str> = Arc::from(name);
+        self.cache.insert((*ifname, netns), name.clone());
+        name
+    }
+}
+
+/// Runs a session. `on_event` sees every hop event; `on_tick` runs every interval (with
+/// `final_tick == false`) and once at the end (`true`), with the tracer to read counters from.
+pub async fn run(
+    opts: TracerOptions,
+    timing: Timing,
+    mut on_event: impl FnMut(&HopEvent),
+    mut on_tick: impl FnMut(&Tracer, Duration, bool) -> Result<()>,
+) -> Result<()> {
+    let mut tracer = Tracer::start(opts)?;
+    let ring = tracer.take_events()?;
+    // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open as long as it is registered.
+    let mut ring = unsafe { AsyncFd::register(ring) }.context("polling the event ring buffer")?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let started = Instant::now();
+    let deadline = timing.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + timing.interval, timing.interval);
+    if std::io::stderr().is_terminal() {
+        let how: Vec<String> = tracer.attached.iter().map(|(h, a)| format!("{}:{}({})", h.group(), h.tracepoint(), a.name())).collect();
+        eprintln!("vtrace: attached {} hooks: {}", how.len(), how.join(" "));
+    }
+    loop {
+        tokio::select! {
+            guard = ring.readable_mut() => {
+                let mut guard = guard.context("waiting for hop events")?;
+                let rb = guard.get_inner_mut();
+                while let Some(item) = rb.next() {
+                    if let Some(ev) = tracer::decode(&item) {
+                        on_event(&ev);
+                    }
+                }
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {
+                on_tick(&tracer, started.elapsed(), false)?;
+            }
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+        }
+    }
+    // Drain what is left before the final report.
+    let rb = ring.get_mut();
+    while let Some(item) = rb.next() {
+        if let Some(ev) = tracer::decode(&item) {
+            on_event(&ev);
+        }
+    }
+    on_tick(&tracer, started.elapsed(), true)?;
+    drop(ring);
+    drop(tracer); // detaches every hook
+    Ok(())
+}

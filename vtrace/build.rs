@@ -10,13 +10,25 @@ use std::{
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
-    let root = manifest.parent().expect("vtrace/ is inside the workspace").to_path_buf();
+    let root = manifest
+        .parent()
+        .expect("vtrace/ is inside the workspace")
+        .to_path_buf();
     let ebpf = root.join("vtrace-ebpf");
     let out = PathBuf::from(env::var("OUT_DIR").expect("set by cargo"));
-    for p in ["src", "Cargo.toml", "Cargo.lock", ".cargo/config.toml", "rust-toolchain.toml"] {
+    for p in [
+        "src",
+        "Cargo.toml",
+        "Cargo.lock",
+        ".cargo/config.toml",
+        "rust-toolchain.toml",
+    ] {
         println!("cargo:rerun-if-changed={}", ebpf.join(p).display());
     }
-    println!("cargo:rerun-if-changed={}", root.join("vtrace-common/src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("vtrace-common/src").display()
+    );
 
     if let Err(missing) = toolchain_ready() {
         println!(
@@ -28,21 +40,35 @@ fn main() {
 
     let target_dir = root.join("target").join("ebpf");
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "cargo", "build", "--release", "--manifest-path"])
-        .arg(ebpf.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(&target_dir)
-        .current_dir(&ebpf);
+    cmd.args([
+        "run",
+        "nightly",
+        "cargo",
+        "build",
+        "--release",
+        "--manifest-path",
+    ])
+    .arg(ebpf.join("Cargo.toml"))
+    .arg("--target-dir")
+    .arg(&target_dir)
+    .current_dir(&ebpf);
     // The outer cargo's settings are for the host target and the stable toolchain: none of them
     // may leak into the nested build.
     for (k, _) in env::vars() {
-        if (k.starts_with("CARGO_") && k != "CARGO_HOME") || k.starts_with("RUSTC") || k == "RUSTFLAGS" || k == "RUSTUP_TOOLCHAIN" || k == "RUSTDOC" {
+        if (k.starts_with("CARGO_") && k != "CARGO_HOME")
+            || k.starts_with("RUSTC")
+            || k == "RUSTFLAGS"
+            || k == "RUSTUP_TOOLCHAIN"
+            || k == "RUSTDOC"
+        {
             cmd.env_remove(&k);
         }
     }
     cmd.env("PATH", path_with_cargo_bin());
     let status = cmd.status().unwrap_or_else(|e| {
-        eprintln!("vtrace: cannot run rustup to build the eBPF programs: {e}: run `cargo xtask setup`");
+        eprintln!(
+            "vtrace: cannot run rustup to build the eBPF programs: {e}: run `cargo xtask setup`"
+        );
         exit(1);
     });
     if !status.success() {
@@ -58,7 +84,12 @@ fn main() {
 
 /// The nightly toolchain with rust-src, and a bpf-linker that runs.
 fn toolchain_ready() -> Result<(), &'static str> {
-    let ok = |c: &mut Command| c.env("PATH", path_with_cargo_bin()).output().map(|o| o.status.success()).unwrap_or(false);
+    let ok = |c: &mut Command| {
+        c.env("PATH", path_with_cargo_bin())
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    };
     if !ok(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
         return Err("no nightly toolchain");
     }
@@ -69,7 +100,10 @@ fn toolchain_ready() -> Result<(), &'static str> {
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    if !Path::new(&sysroot).join("lib/rustlib/src/rust/library/core").exists() {
+    if !Path::new(&sysroot)
+        .join("lib/rustlib/src/rust/library/core")
+        .exists()
+    {
         return Err("no rust-src for nightly");
     }
     if !ok(Command::new("bpf-linker").arg("--version")) {
@@ -81,6 +115,12 @@ fn toolchain_ready() -> Result<(), &'static str> {
 fn path_with_cargo_bin() -> String {
     let home = env::var("CARGO_HOME")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo"));
-    format!("{}:{}", home.join("bin").display(), env::var("PATH").unwrap_or_default())
+        .unwrap_or_else(|_| {
+            PathBuf::from(env::var("HOME").unwrap_or_else(|_| "/root".into())).join(".cargo")
+        });
+    format!(
+        "{}:{}",
+        home.join("bin").display(),
+        env::var("PATH").unwrap_or_default()
+    )
 }

@@ -74,8 +74,8 @@ mod tests {
 
     #[test]
     fn failing_command_reports_line_and_stderr() {
-        let err = run(Command::new("sh").args(["-c", "echo boom >&2; exit 3"]))
-            .expect_err("must fail");
+        let err =
+            run(Command::new("sh").args(["-c", "echo boom >&2; exit 3"])).expect_err("must fail");
         let msg = format!("{err:#}");
         assert!(msg.contains("sh -c"), "{msg}");
         assert!(msg.contains("boom"), "{msg}");

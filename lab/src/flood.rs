@@ -55,7 +55,11 @@ pub struct FloodOptions {
 
 impl FloodOptions {
     /// 1 second of 64-byte frames in batches of 64.
-    pub fn new(sender_ns: impl Into<String>, receiver_ns: impl Into<String>, dst: SocketAddrV4) -> Self {
+    pub fn new(
+        sender_ns: impl Into<String>,
+        receiver_ns: impl Into<String>,
+        dst: SocketAddrV4,
+    ) -> Self {
         FloodOptions {
             sender_ns: sender_ns.into(),
             receiver_ns: receiver_ns.into(),
@@ -121,7 +125,10 @@ pub fn flood(opts: FloodOptions) -> Result<FloodReport> {
         done.store(true, Ordering::Relaxed);
         return match receiver.join() {
             Ok(Err(e)) => Err(e.context(format!("receiver in {}", opts.receiver_ns))),
-            Ok(Ok(_)) | Err(_) => Err(anyhow!("the receiver in {} did not start", opts.receiver_ns)),
+            Ok(Ok(_)) | Err(_) => Err(anyhow!(
+                "the receiver in {} did not start",
+                opts.receiver_ns
+            )),
         };
     }
 
@@ -136,7 +143,10 @@ pub fn flood(opts: FloodOptions) -> Result<FloodReport> {
             .context("cannot spawn the sender thread")
     };
     let sent = match sender {
-        Ok(h) => h.join().map_err(|_| anyhow!("the sender thread panicked")).and_then(|r| r),
+        Ok(h) => h
+            .join()
+            .map_err(|_| anyhow!("the sender thread panicked"))
+            .and_then(|r| r),
         Err(e) => Err(e),
     };
     done.store(true, Ordering::Relaxed);
@@ -168,7 +178,10 @@ fn check(opts: &FloodOptions) -> Result<()> {
         bail!("destination port must not be 0");
     }
     if opts.payload_len > MAX_PAYLOAD_LEN {
-        bail!("payload of {} bytes does not fit one frame (max {MAX_PAYLOAD_LEN})", opts.payload_len);
+        bail!(
+            "payload of {} bytes does not fit one frame (max {MAX_PAYLOAD_LEN})",
+            opts.payload_len
+        );
     }
     if opts.batch == 0 || opts.batch > MAX_BATCH {
         bail!("batch must be within 1..={MAX_BATCH}");
@@ -238,11 +251,16 @@ fn send(opts: &FloodOptions) -> Result<SendResult> {
     }
     let elapsed = start.elapsed();
     drop(payloads);
-    Ok(SendResult { sent: seq, errors, elapsed })
+    Ok(SendResult {
+        sent: seq,
+        errors,
+        elapsed,
+    })
 }
 
 fn receive(dst: SocketAddrV4, ready: mpsc::Sender<()>, done: &AtomicBool) -> Result<u64> {
-    let sock = UdpSocket::bind(dst).with_context(|| format!("cannot bind the receiver socket to {dst}"))?;
+    let sock = UdpSocket::bind(dst)
+        .with_context(|| format!("cannot bind the receiver socket to {dst}"))?;
     let fd = sock.as_raw_fd();
     set_rcvbuf(fd);
 
@@ -269,14 +287,24 @@ fn receive(dst: SocketAddrV4, ready: mpsc::Sender<()>, done: &AtomicBool) -> Res
     let mut last_rx = Instant::now();
     let mut done_seen: Option<Instant> = None;
     loop {
-        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         let rc = unsafe { libc::poll(&mut pfd, 1, 20) };
         if rc > 0 {
             loop {
                 // SAFETY: `msgs` holds `batch` headers pointing into `bufs`.
                 let n = unsafe {
-                    libc::recvmmsg(fd, msgs.as_mut_ptr(), batch as libc::c_uint, libc::MSG_DONTWAIT, std::ptr::null_mut())
+                    libc::recvmmsg(
+                        fd,
+                        msgs.as_mut_ptr(),
+                        batch as libc::c_uint,
+                        libc::MSG_DONTWAIT,
+                        std::ptr::null_mut(),
+                    )
                 };
                 if n > 0 {
                     received += n as u64;
@@ -341,10 +369,26 @@ mod tests {
         let dst: SocketAddrV4 = "198.18.0.2:9000".parse().expect("addr");
         let ok = FloodOptions::new("a", "b", dst);
         assert!(check(&ok).is_ok());
-        assert!(check(&FloodOptions { batch: 0, ..ok.clone() }).is_err());
-        assert!(check(&FloodOptions { payload_len: 2000, ..ok.clone() }).is_err());
-        assert!(check(&FloodOptions { duration: Duration::ZERO, ..ok.clone() }).is_err());
-        assert!(check(&FloodOptions { dst: "198.18.0.2:0".parse().expect("addr"), ..ok }).is_err());
+        assert!(check(&FloodOptions {
+            batch: 0,
+            ..ok.clone()
+        })
+        .is_err());
+        assert!(check(&FloodOptions {
+            payload_len: 2000,
+            ..ok.clone()
+        })
+        .is_err());
+        assert!(check(&FloodOptions {
+            duration: Duration::ZERO,
+            ..ok.clone()
+        })
+        .is_err());
+        assert!(check(&FloodOptions {
+            dst: "198.18.0.2:0".parse().expect("addr"),
+            ..ok
+        })
+        .is_err());
     }
 
     #[test]

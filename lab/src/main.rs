@@ -64,6 +64,15 @@ struct CleanArgs {
     force: bool,
 }
 
+/// `println!` that ignores write errors (a closed pipe must not abort the teardown).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, $($arg)*);
+        let _ = out.flush();
+    }};
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
@@ -148,8 +157,7 @@ fn up(a: UpArgs) -> Result<()> {
             break sig;
         }
         if a.stats_every > 0 && lab.try_virt().is_some() {
-            println!("vmm: {}", format_stats(&lab.vmm_stats()));
-            let _ = std::io::stdout().flush();
+            say!("vmm: {}", format_stats(&lab.vmm_stats()));
         }
     };
     let name = match sig {
@@ -157,12 +165,12 @@ fn up(a: UpArgs) -> Result<()> {
         libc::SIGTERM => "SIGTERM",
         _ => "SIGHUP",
     };
-    println!("\n{name}: tearing lab {} down", lab.prefix());
+    say!("\n{name}: tearing lab {} down", lab.prefix());
     if lab.try_virt().is_some() {
-        println!("vmm: {}", format_stats(&lab.vmm_stats()));
+        say!("vmm: {}", format_stats(&lab.vmm_stats()));
     }
     drop(lab);
-    println!("done");
+    say!("done");
     Ok(())
 }
 
@@ -179,28 +187,58 @@ fn print_lab(lab: &Lab, opts: &LabOptions) {
     o += &format!("lab {p} is up (id {})\n", lab.id());
     if let Some(n) = lab.try_native() {
         o += "\nnative path:  netns — veth — bridge — veth — netns\n";
-        o += &format!("  {:<11} eth0 {}/24 {}  host end {}\n", n.sender_ns, n.sender_ip, n.sender_mac, n.sender_veth);
-        o += &format!("  {:<11} eth0 {}/24 {}  host end {}\n", n.receiver_ns, n.receiver_ip, n.receiver_mac, n.receiver_veth);
+        o += &format!(
+            "  {:<11} eth0 {}/24 {}  host end {}\n",
+            n.sender_ns, n.sender_ip, n.sender_mac, n.sender_veth
+        );
+        o += &format!(
+            "  {:<11} eth0 {}/24 {}  host end {}\n",
+            n.receiver_ns, n.receiver_ip, n.receiver_mac, n.receiver_veth
+        );
         o += &format!("  bridge {}\n", n.bridge);
-        o += &format!("  ping:  ip netns exec {} ping {}\n", n.sender_ns, n.receiver_ip);
-        o += &format!("  flood: vtrace-flood --from {} --to {} --dst {}:9000\n", n.sender_ns, n.receiver_ns, n.receiver_ip);
+        o += &format!(
+            "  ping:  ip netns exec {} ping {}\n",
+            n.sender_ns, n.receiver_ip
+        );
+        o += &format!(
+            "  flood: vtrace-flood --from {} --to {} --dst {}:9000\n",
+            n.sender_ns, n.receiver_ns, n.receiver_ip
+        );
     }
     if let Some(v) = lab.try_virt() {
         o += "\nvirtual path: netns — veth — bridge — tap ⇄ VMM ⇄ tap — bridge — veth — netns\n";
-        o += &format!("  {:<11} eth0 {}/24 {}  host end {} on bridge {}\n", v.sender_ns, v.sender_ip, v.sender_mac, v.sender_veth, v.bridge_in);
-        o += &format!("  {:<11} eth0 {}/24 {}  host end {} on bridge {}\n", v.receiver_ns, v.receiver_ip, v.receiver_mac, v.receiver_veth, v.bridge_out);
-        o += &format!("  taps: {} (on {}) ⇄ VMM ⇄ {} (on {})\n", v.tap_in, v.bridge_in, v.tap_out, v.bridge_out);
-        let q = opts.vmm.tap_queue_len.map_or_else(|| "default".to_string(), |n| n.to_string());
+        o += &format!(
+            "  {:<11} eth0 {}/24 {}  host end {} on bridge {}\n",
+            v.sender_ns, v.sender_ip, v.sender_mac, v.sender_veth, v.bridge_in
+        );
+        o += &format!(
+            "  {:<11} eth0 {}/24 {}  host end {} on bridge {}\n",
+            v.receiver_ns, v.receiver_ip, v.receiver_mac, v.receiver_veth, v.bridge_out
+        );
+        o += &format!(
+            "  taps: {} (on {}) ⇄ VMM ⇄ {} (on {})\n",
+            v.tap_in, v.bridge_in, v.tap_out, v.bridge_out
+        );
+        let q = opts
+            .vmm
+            .tap_queue_len
+            .map_or_else(|| "default".to_string(), |n| n.to_string());
         o += &format!(
             "  VMM: per-frame delay {} µs, read pause {} µs, tap txqueuelen {q}\n",
             opts.vmm.per_frame_delay.as_micros(),
             opts.vmm.read_pause.as_micros()
         );
-        o += &format!("  ping:  ip netns exec {} ping {}\n", v.sender_ns, v.receiver_ip);
-        o += &format!("  flood: vtrace-flood --from {} --to {} --dst {}:9000\n", v.sender_ns, v.receiver_ns, v.receiver_ip);
+        o += &format!(
+            "  ping:  ip netns exec {} ping {}\n",
+            v.sender_ns, v.receiver_ip
+        );
+        o += &format!(
+            "  flood: vtrace-flood --from {} --to {} --dst {}:9000\n",
+            v.sender_ns, v.receiver_ns, v.receiver_ip
+        );
     }
     o += "\nrunning; Ctrl-C or SIGTERM tears the lab down\n";
-    print!("{o}");
+    let _ = std::io::stdout().write_all(o.as_bytes());
     let _ = std::io::stdout().flush();
 }
 
@@ -208,16 +246,16 @@ fn clean(a: CleanArgs) -> Result<()> {
     require_root()?;
     let r = Lab::clean_leftovers(&a.prefix, a.force)?;
     if r.namespaces.is_empty() && r.devices.is_empty() {
-        println!("nothing to clean");
+        say!("nothing to clean");
     }
     for ns in &r.namespaces {
-        println!("removed netns {ns}");
+        say!("removed netns {ns}");
     }
     for dev in &r.devices {
-        println!("removed device {dev}");
+        say!("removed device {dev}");
     }
     for id in &r.skipped_live {
-        println!("kept lab vl{id}: its owner process is running (--force removes it)");
+        say!("kept lab vl{id}: its owner process is running (--force removes it)");
     }
     Ok(())
 }

@@ -24,7 +24,8 @@ pub fn path(ns: &str) -> PathBuf {
 /// Moves the calling thread into network namespace `ns` (created by `ip netns add`).
 pub fn enter(ns: &str) -> Result<()> {
     let p = path(ns);
-    let f = File::open(&p).with_context(|| format!("cannot open network namespace {}", p.display()))?;
+    let f =
+        File::open(&p).with_context(|| format!("cannot open network namespace {}", p.display()))?;
     // SAFETY: plain syscall on a valid fd; CLONE_NEWNET restricts it to a net namespace.
     let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
     if rc != 0 {

@@ -81,7 +81,9 @@ pub fn parse_ping_output(text: &str) -> Result<PingStats> {
     for line in text.lines() {
         let line = line.trim();
         if line.contains("transmitted") {
-            counts = Some(parse_counts(line).with_context(|| format!("bad ping summary line {line:?}"))?);
+            counts = Some(
+                parse_counts(line).with_context(|| format!("bad ping summary line {line:?}"))?,
+            );
         } else if line.contains("min/avg/max") {
             rtt = Some(parse_rtt(line).with_context(|| format!("bad ping rtt line {line:?}"))?);
         }
@@ -89,7 +91,11 @@ pub fn parse_ping_output(text: &str) -> Result<PingStats> {
     let Some((transmitted, received)) = counts else {
         bail!("no summary in ping output {:?}", text.trim());
     };
-    Ok(PingStats { transmitted, received, rtt })
+    Ok(PingStats {
+        transmitted,
+        received,
+        rtt,
+    })
 }
 
 /// "5 packets transmitted, 4 received, +1 errors, 20% packet loss, time 4005ms"
@@ -99,7 +105,8 @@ fn parse_counts(line: &str) -> Result<(u32, u32)> {
     let mut received = None;
     for part in line.split(',') {
         let mut words = part.split_whitespace();
-        let (Some(num), Some(rest)) = (words.next(), words.collect::<Vec<_>>().last().copied()) else {
+        let (Some(num), Some(rest)) = (words.next(), words.collect::<Vec<_>>().last().copied())
+        else {
             continue;
         };
         match rest {
@@ -118,7 +125,12 @@ fn parse_counts(line: &str) -> Result<(u32, u32)> {
 /// (busybox: "round-trip min/avg/max = 0.031/0.042/0.056 ms").
 fn parse_rtt(line: &str) -> Result<Rtt> {
     let (keys, values) = line.split_once('=').context("no '='")?;
-    let keys: Vec<&str> = keys.split_whitespace().last().context("no field names")?.split('/').collect();
+    let keys: Vec<&str> = keys
+        .split_whitespace()
+        .last()
+        .context("no field names")?
+        .split('/')
+        .collect();
     let values = values.trim();
     let mut words = values.split_whitespace();
     let values = words.next().context("no values")?;
@@ -163,7 +175,10 @@ rtt min/avg/max/mdev = 0.031/0.042/0.056/0.009 ms\n";
         assert_eq!(s.received, 5);
         assert_eq!(s.loss(), 0.0);
         let r = s.rtt.expect("rtt");
-        assert_eq!((r.min_ms, r.avg_ms, r.max_ms, r.mdev_ms), (0.031, 0.042, 0.056, 0.009));
+        assert_eq!(
+            (r.min_ms, r.avg_ms, r.max_ms, r.mdev_ms),
+            (0.031, 0.042, 0.056, 0.009)
+        );
     }
 
     #[test]
@@ -195,7 +210,10 @@ round-trip min/avg/max = 0.070/0.080/0.090 ms\n";
         let s = parse_ping_output(text).expect("parses");
         assert_eq!((s.transmitted, s.received), (2, 2));
         let r = s.rtt.expect("rtt");
-        assert_eq!((r.min_ms, r.avg_ms, r.max_ms, r.mdev_ms), (0.07, 0.08, 0.09, 0.0));
+        assert_eq!(
+            (r.min_ms, r.avg_ms, r.max_ms, r.mdev_ms),
+            (0.07, 0.08, 0.09, 0.0)
+        );
     }
 
     #[test]
@@ -207,8 +225,13 @@ round-trip min/avg/max = 0.070/0.080/0.090 ms\n";
 
     #[test]
     fn refuses_non_lab_destinations() {
-        let err = ping("vlabcde-na", Ipv4Addr::new(8, 8, 8, 8), 1, Duration::from_millis(200))
-            .expect_err("must refuse");
+        let err = ping(
+            "vlabcde-na",
+            Ipv4Addr::new(8, 8, 8, 8),
+            1,
+            Duration::from_millis(200),
+        )
+        .expect_err("must refuse");
         assert!(format!("{err}").contains("198.18.0.0/15"));
     }
 }

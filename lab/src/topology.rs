@@ -348,7 +348,11 @@ impl Lab {
     pub fn host_devices(&self) -> Vec<String> {
         let mut v = Vec::new();
         if let Some(n) = &self.native {
-            v.extend([n.sender_veth.clone(), n.receiver_veth.clone(), n.bridge.clone()]);
+            v.extend([
+                n.sender_veth.clone(),
+                n.receiver_veth.clone(),
+                n.bridge.clone(),
+            ]);
         }
         if let Some(x) = &self.virt {
             v.extend([
@@ -399,17 +403,22 @@ fn claim_id(id: &str, cleanup: &mut Cleanup) -> Result<()> {
         Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
     };
     cleanup.push(Step::OwnerFile(path.clone()));
-    writeln!(f, "{}", std::process::id()).with_context(|| format!("cannot write {}", path.display()))?;
+    writeln!(f, "{}", std::process::id())
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 
 /// A locally administered MAC (02:76:..): two bytes from the id so that labs differ,
 /// then the path (0 native, 1 virtual) and the host (1 sender, 2 receiver).
 fn lab_mac(id: &str, path: u8, host: u8) -> String {
-    let h = id
-        .bytes()
-        .fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(b)).wrapping_mul(0x0100_0193));
-    format!("02:76:{:02x}:{:02x}:{path:02x}:{host:02x}", (h >> 8) & 0xff, h & 0xff)
+    let h = id.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    format!(
+        "02:76:{:02x}:{:02x}:{path:02x}:{host:02x}",
+        (h >> 8) & 0xff,
+        h & 0xff
+    )
 }
 
 /// Disables IPv6 on host device `dev` (before it goes up, so it never sends router
@@ -452,7 +461,20 @@ fn add_netns(ns: &str, cleanup: &mut Cleanup) -> Result<()> {
 /// once), IPv6 off, up. Multicast snooping is off too: with it, the bridge joins the
 /// multicast-router-discovery group 224.0.0.106 and sends IGMP reports into the lab.
 fn add_bridge(name: &str, cleanup: &mut Cleanup) -> Result<()> {
-    ip(&["link", "add", "name", name, "type", "bridge", "stp_state", "0", "forward_delay", "0", "mcast_snooping", "0"])?;
+    ip(&[
+        "link",
+        "add",
+        "name",
+        name,
+        "type",
+        "bridge",
+        "stp_state",
+        "0",
+        "forward_delay",
+        "0",
+        "mcast_snooping",
+        "0",
+    ])?;
     cleanup.push(Step::Link(name.to_string()));
     disable_ipv6_host(name)?;
     ip(&["link", "set", "dev", name, "up"])?;
@@ -495,7 +517,17 @@ fn add_static_neighbours(a: (&str, Ipv4Addr, &str), b: (&str, Ipv4Addr, &str)) -
     for ((ns, _, _), (_, peer_ip, peer_mac)) in [(a, b), (b, a)] {
         let peer = peer_ip.to_string();
         ip(&[
-            "-n", ns, "neigh", "replace", &peer, "lladdr", peer_mac, "dev", NS_DEV, "nud", "permanent",
+            "-n",
+            ns,
+            "neigh",
+            "replace",
+            &peer,
+            "lladdr",
+            peer_mac,
+            "dev",
+            NS_DEV,
+            "nud",
+            "permanent",
         ])?;
     }
     Ok(())
@@ -514,8 +546,22 @@ fn build_native(id: &str, p: &str, cleanup: &mut Cleanup) -> Result<NativePath> 
         bridge: format!("{p}bn"),
     };
     add_bridge(&n.bridge, cleanup)?;
-    add_endpoint(&n.sender_ns, &n.sender_veth, &n.sender_mac, n.sender_ip, &n.bridge, cleanup)?;
-    add_endpoint(&n.receiver_ns, &n.receiver_veth, &n.receiver_mac, n.receiver_ip, &n.bridge, cleanup)?;
+    add_endpoint(
+        &n.sender_ns,
+        &n.sender_veth,
+        &n.sender_mac,
+        n.sender_ip,
+        &n.bridge,
+        cleanup,
+    )?;
+    add_endpoint(
+        &n.receiver_ns,
+        &n.receiver_veth,
+        &n.receiver_mac,
+        n.receiver_ip,
+        &n.bridge,
+        cleanup,
+    )?;
     add_static_neighbours(
         (&n.sender_ns, n.sender_ip, &n.sender_mac),
         (&n.receiver_ns, n.receiver_ip, &n.receiver_mac),
@@ -523,7 +569,12 @@ fn build_native(id: &str, p: &str, cleanup: &mut Cleanup) -> Result<NativePath> 
     Ok(n)
 }
 
-fn build_virtual(id: &str, p: &str, opts: &VmmOptions, cleanup: &mut Cleanup) -> Result<(VirtualPath, Vmm)> {
+fn build_virtual(
+    id: &str,
+    p: &str,
+    opts: &VmmOptions,
+    cleanup: &mut Cleanup,
+) -> Result<(VirtualPath, Vmm)> {
     let v = VirtualPath {
         sender_ns: format!("{p}-va"),
         receiver_ns: format!("{p}-vb"),
@@ -540,8 +591,22 @@ fn build_virtual(id: &str, p: &str, opts: &VmmOptions, cleanup: &mut Cleanup) ->
     };
     add_bridge(&v.bridge_in, cleanup)?;
     add_bridge(&v.bridge_out, cleanup)?;
-    add_endpoint(&v.sender_ns, &v.sender_veth, &v.sender_mac, v.sender_ip, &v.bridge_in, cleanup)?;
-    add_endpoint(&v.receiver_ns, &v.receiver_veth, &v.receiver_mac, v.receiver_ip, &v.bridge_out, cleanup)?;
+    add_endpoint(
+        &v.sender_ns,
+        &v.sender_veth,
+        &v.sender_mac,
+        v.sender_ip,
+        &v.bridge_in,
+        cleanup,
+    )?;
+    add_endpoint(
+        &v.receiver_ns,
+        &v.receiver_veth,
+        &v.receiver_mac,
+        v.receiver_ip,
+        &v.bridge_out,
+        cleanup,
+    )?;
     add_static_neighbours(
         (&v.sender_ns, v.sender_ip, &v.sender_mac),
         (&v.receiver_ns, v.receiver_ip, &v.receiver_mac),
@@ -594,7 +659,9 @@ fn live_ids() -> BTreeSet<String> {
     };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(id) = name.strip_suffix(".pid") else { continue };
+        let Some(id) = name.strip_suffix(".pid") else {
+            continue;
+        };
         let pid = std::fs::read_to_string(e.path())
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
@@ -607,7 +674,11 @@ fn live_ids() -> BTreeSet<String> {
 
 fn clean_leftovers(pfx: &str, include_live: bool) -> Result<CleanReport> {
     validate_prefix(pfx)?;
-    let live = if include_live { BTreeSet::new() } else { live_ids() };
+    let live = if include_live {
+        BTreeSet::new()
+    } else {
+        live_ids()
+    };
     let mut report = CleanReport::default();
     let selected = |name: &str| -> Option<String> {
         let id = lab_id_of(name)?;
@@ -619,7 +690,9 @@ fn clean_leftovers(pfx: &str, include_live: bool) -> Result<CleanReport> {
     let links = ip(&["-o", "-d", "link", "show"])?;
     let mut devices: Vec<(bool, String)> = Vec::new();
     for line in links.lines() {
-        let Some(name) = first_names(line, 1).pop() else { continue };
+        let Some(name) = first_names(line, 1).pop() else {
+            continue;
+        };
         let Some(id) = selected(&name) else { continue };
         if live.contains(&id) {
             skipped.insert(id);
@@ -651,7 +724,9 @@ fn clean_leftovers(pfx: &str, include_live: bool) -> Result<CleanReport> {
     if let Ok(entries) = std::fs::read_dir(OWNER_DIR) {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_suffix(".pid") else { continue };
+            let Some(id) = name.strip_suffix(".pid") else {
+                continue;
+            };
             if names::validate_id(id).is_ok() && prefix(id).starts_with(pfx) && !live.contains(id) {
                 let _ = std::fs::remove_file(e.path());
             }
@@ -672,7 +747,12 @@ mod tests {
         assert!(!is_lab_addr(Ipv4Addr::new(198, 20, 0, 1)));
         assert!(!is_lab_addr(Ipv4Addr::new(198, 17, 0, 1)));
         assert!(!is_lab_addr(Ipv4Addr::new(10, 0, 0, 1)));
-        for ip in [NATIVE_SENDER_IP, NATIVE_RECEIVER_IP, VIRT_SENDER_IP, VIRT_RECEIVER_IP] {
+        for ip in [
+            NATIVE_SENDER_IP,
+            NATIVE_RECEIVER_IP,
+            VIRT_SENDER_IP,
+            VIRT_RECEIVER_IP,
+        ] {
             assert!(is_lab_addr(ip));
         }
     }
@@ -694,8 +774,13 @@ mod tests {
         assert_eq!(first_names(out, 1), vec!["vlabcdena", "vlabcdebn"]);
         let lines: Vec<_> = out.lines().collect();
         assert!(is_lab_kind(lines[0]) && is_lab_kind(lines[1]));
-        assert!(!is_lab_kind("7: vlabcdety: <BROADCAST> \\    dummy addrgenmode eui64"));
-        assert_eq!(first_names("vlabcde-na (id: 0)\nvlabcde-nb\n", 0), vec!["vlabcde-na", "vlabcde-nb"]);
+        assert!(!is_lab_kind(
+            "7: vlabcdety: <BROADCAST> \\    dummy addrgenmode eui64"
+        ));
+        assert_eq!(
+            first_names("vlabcde-na (id: 0)\nvlabcde-nb\n", 0),
+            vec!["vlabcde-na", "vlabcde-nb"]
+        );
     }
 
     #[test]

@@ -120,7 +120,11 @@ impl Tap {
             };
             bail!("cannot create tap {name}: TUNSETIFF: {err}{hint}");
         }
-        let got_len = req.name.iter().position(|&b| b == 0).unwrap_or(req.name.len());
+        let got_len = req
+            .name
+            .iter()
+            .position(|&b| b == 0)
+            .unwrap_or(req.name.len());
         let got = String::from_utf8_lossy(&req.name[..got_len]).into_owned();
         if got != name {
             bail!("kernel created tap {got:?} instead of {name:?}");
@@ -158,7 +162,10 @@ impl Tap {
                 if pfd.revents & libc::POLLIN != 0 {
                     Ok(true)
                 } else {
-                    Err(io::Error::other(format!("poll on tap {}: revents {:#x}", self.name, pfd.revents)))
+                    Err(io::Error::other(format!(
+                        "poll on tap {}: revents {:#x}",
+                        self.name, pfd.revents
+                    )))
                 }
             }
             _ => {
@@ -215,7 +222,11 @@ impl Vmm {
             let stop = stop.clone();
             let counters = counters.clone();
             let opts = opts.clone();
-            let thread_name = if forward_in_to_out { "vmm-in>out" } else { "vmm-out>in" };
+            let thread_name = if forward_in_to_out {
+                "vmm-in>out"
+            } else {
+                "vmm-out>in"
+            };
             // On error `vmm` is dropped, which stops the thread already started.
             let handle = std::thread::Builder::new()
                 .name(thread_name.into())
@@ -274,13 +285,30 @@ fn tighten_timer_slack() {
     const PR_SET_TIMERSLACK: libc::c_int = 29;
     // SAFETY: prctl with integer arguments; affects only the calling thread.
     unsafe {
-        libc::prctl(PR_SET_TIMERSLACK, 1 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong, 0 as libc::c_ulong);
+        libc::prctl(
+            PR_SET_TIMERSLACK,
+            1 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+            0 as libc::c_ulong,
+        );
     }
 }
 
-fn forward(src: &Tap, dst: &Tap, in_to_out: bool, c: &Counters, opts: &VmmOptions, stop: &AtomicBool) {
+fn forward(
+    src: &Tap,
+    dst: &Tap,
+    in_to_out: bool,
+    c: &Counters,
+    opts: &VmmOptions,
+    stop: &AtomicBool,
+) {
     tighten_timer_slack();
-    let forwarded = if in_to_out { &c.in_to_out } else { &c.out_to_in };
+    let forwarded = if in_to_out {
+        &c.in_to_out
+    } else {
+        &c.out_to_in
+    };
     let mut buf = vec![0u8; FRAME_BUF];
     while !stop.load(Ordering::Relaxed) {
         match src.wait_readable(POLL_TIMEOUT_MS) {

@@ -105,6 +105,9 @@ pub struct LatencyArgs {
     /// Print one JSON object at the end instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also write the final JSON report to this file (the table still goes to stdout).
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -123,6 +126,9 @@ pub struct DropsArgs {
     /// Print one JSON object at the end instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also write the final JSON report to this file (the table still goes to stdout).
+    #[arg(long, short = 'o')]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -146,7 +152,9 @@ impl Proto {
 
 fn parse_ifname(s: &str) -> Result<String, String> {
     if s.is_empty() || s.len() > 15 || s.contains('/') || s.contains(char::is_whitespace) {
-        return Err(format!("'{s}' is not a device name (1 to 15 characters, no '/' or spaces)"));
+        return Err(format!(
+            "'{s}' is not a device name (1 to 15 characters, no '/' or spaces)"
+        ));
     }
     Ok(s.to_string())
 }
@@ -183,7 +191,19 @@ mod tests {
     #[test]
     fn accepts_what_the_readme_shows() {
         assert!(parse(&["hooks", "--json"]).is_ok());
-        assert!(parse(&["latency", "--duration", "5", "--proto", "icmp", "--iface", "tap0", "--iface", "vif1.0", "--json"]).is_ok());
+        assert!(parse(&[
+            "latency",
+            "--duration",
+            "5",
+            "--proto",
+            "icmp",
+            "--iface",
+            "tap0",
+            "--iface",
+            "vif1.0",
+            "--json"
+        ])
+        .is_ok());
         assert!(parse(&["drops", "--iface", "tap0", "-d", "30"]).is_ok());
         assert!(parse(&["compare", "a.json", "b.json"]).is_ok());
     }

@@ -77,7 +77,10 @@ impl Resolver {
     }
 
     pub fn reason(&self, code: u32) -> String {
-        self.reasons.get(&code).cloned().unwrap_or_else(|| format!("reason_{code}"))
+        self.reasons
+            .get(&code)
+            .cloned()
+            .unwrap_or_else(|| format!("reason_{code}"))
     }
 
     fn location(&self, addr: u64) -> String {
@@ -87,7 +90,12 @@ impl Resolver {
         }
     }
 
-    pub fn entries(&mut self, rows: &BTreeMap<DropRow, u64>, all_reasons: bool, only: &[String]) -> Vec<DropEntry> {
+    pub fn entries(
+        &mut self,
+        rows: &BTreeMap<DropRow, u64>,
+        all_reasons: bool,
+        only: &[String],
+    ) -> Vec<DropEntry> {
         let mut out: HashMap<(String, String, String), DropEntry> = HashMap::new();
         for (row, count) in rows {
             let reason = self.reason(row.reason);
@@ -106,13 +114,15 @@ impl Resolver {
                 continue;
             }
             let location = self.location(row.location);
-            let e = out.entry((iface.clone(), reason.clone(), location.clone())).or_insert(DropEntry {
-                iface,
-                reason,
-                location,
-                count: 0,
-                reason_code: row.reason,
-            });
+            let e = out
+                .entry((iface.clone(), reason.clone(), location.clone()))
+                .or_insert(DropEntry {
+                    iface,
+                    reason,
+                    location,
+                    count: 0,
+                    reason_code: row.reason,
+                });
             e.count += count;
         }
         let mut v: Vec<DropEntry> = out.into_values().collect();
@@ -177,7 +187,11 @@ pub fn run(args: &DropsArgs) -> Result<()> {
     let mut config = Config::zeroed();
     config.offsets = kernel::resolve_offsets(&btf)?;
     config.flags = flags::DROPS;
-    let opts = TracerOptions { config, hooks: vec![Hook::KfreeSkb], ring_bytes: 4096 * 4 };
+    let opts = TracerOptions {
+        config,
+        hooks: vec![Hook::KfreeSkb],
+        ring_bytes: 4096 * 4,
+    };
     let timing = Timing {
         duration: args.timing.duration.map(Duration::from_secs_f64),
         interval: Duration::from_secs_f64(args.timing.interval),
@@ -187,51 +201,79 @@ pub fn run(args: &DropsArgs) -> Result<()> {
     let live = !args.json && std::io::stdout().is_terminal();
     let mut last: Option<(Duration, HashMap<(String, String, String), u64>)> = None;
     let mut final_report = None;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(session::run(opts, timing, |_| {}, |tracer, elapsed, is_last| {
-        let rows = tracer.drops()?;
-        let drops = resolver.entries(&rows, args.all_reasons, &args.iface);
-        let counters = tracer.counters()?;
-        if is_last {
-            let after = netdev::snapshot();
-            final_report = Some(DropsReport {
-                duration_s: elapsed.as_secs_f64(),
-                lost_events: counters.get(Counter::LostEvents),
-                ifaces: iface_entries(&drops, &before, &after, &args.iface),
-                drops,
-                kfree_skb_calls: counters.hook(Hook::KfreeSkb),
-                failed_map_inserts: counters.get(Counter::DropInsertFailed),
-            });
-            return Ok(());
-        }
-        if args.json {
-            return Ok(());
-        }
-        // Rates since the previous refresh.
-        let now: HashMap<(String, String, String), u64> =
-            drops.iter().map(|d| ((d.iface.clone(), d.reason.clone(), d.location.clone()), d.count)).collect();
-        let mut text = format!("vtrace drops: {:.0}s, {} drop points\n", elapsed.as_secs_f64(), drops.len());
-        text.push_str(&format!("{:<24} {:<28} {:<36} {:>10} {:>10}\n", "iface", "reason", "location", "count", "per sec"));
-        for d in drops.iter().take(args.top) {
-            let key = (d.iface.clone(), d.reason.clone(), d.location.clone());
-            let rate = match &last {
-                Some((t, prev)) => {
-                    let dt = (elapsed - *t).as_secs_f64().max(1e-3);
-                    (d.count - prev.get(&key).copied().unwrap_or(0).min(d.count)) as f64 / dt
-                }
-                None => d.count as f64 / elapsed.as_secs_f64().max(1e-3),
-            };
-            text.push_str(&format!("{:<24} {:<28} {:<36} {:>10} {:>10.0}\n", d.iface, d.reason, d.location, d.count, rate));
-        }
-        if live {
-            print!("\x1b[2J\x1b[H{text}");
-        } else {
-            println!("{text}");
-        }
-        last = Some((elapsed, now));
-        Ok(())
-    }))?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(session::run(
+        opts,
+        timing,
+        |_| {},
+        |tracer, elapsed, is_last| {
+            let rows = tracer.drops()?;
+            let drops = resolver.entries(&rows, args.all_reasons, &args.iface);
+            let counters = tracer.counters()?;
+            if is_last {
+                let after = netdev::snapshot();
+                final_report = Some(DropsReport {
+                    duration_s: elapsed.as_secs_f64(),
+                    lost_events: counters.get(Counter::LostEvents),
+                    ifaces: iface_entries(&drops, &before, &after, &args.iface),
+                    drops,
+                    kfree_skb_calls: counters.hook(Hook::KfreeSkb),
+                    failed_map_inserts: counters.get(Counter::DropInsertFailed),
+                });
+                return Ok(());
+            }
+            if args.json {
+                return Ok(());
+            }
+            // Rates since the previous refresh.
+            let now: HashMap<(String, String, String), u64> = drops
+                .iter()
+                .map(|d| {
+                    (
+                        (d.iface.clone(), d.reason.clone(), d.location.clone()),
+                        d.count,
+                    )
+                })
+                .collect();
+            let mut text = format!(
+                "vtrace drops: {:.0}s, {} drop points\n",
+                elapsed.as_secs_f64(),
+                drops.len()
+            );
+            text.push_str(&format!(
+                "{:<24} {:<28} {:<36} {:>10} {:>10}\n",
+                "iface", "reason", "location", "count", "per sec"
+            ));
+            for d in drops.iter().take(args.top) {
+                let key = (d.iface.clone(), d.reason.clone(), d.location.clone());
+                let rate = match &last {
+                    Some((t, prev)) => {
+                        let dt = (elapsed - *t).as_secs_f64().max(1e-3);
+                        (d.count - prev.get(&key).copied().unwrap_or(0).min(d.count)) as f64 / dt
+                    }
+                    None => d.count as f64 / elapsed.as_secs_f64().max(1e-3),
+                };
+                text.push_str(&format!(
+                    "{:<24} {:<28} {:<36} {:>10} {:>10.0}\n",
+                    d.iface, d.reason, d.location, d.count, rate
+                ));
+            }
+            if live {
+                print!("\x1b[2J\x1b[H{text}");
+            } else {
+                println!("{text}");
+            }
+            last = Some((elapsed, now));
+            Ok(())
+        },
+    ))?;
     if let Some(r) = final_report {
+        if let Some(path) = &args.output {
+            std::fs::write(path, serde_json::to_string(&r)?)
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        }
         if args.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
@@ -248,13 +290,32 @@ pub fn render(r: &DropsReport) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let total: u64 = r.drops.iter().map(|d| d.count).sum();
-    let _ = writeln!(s, "vtrace drops: {:.1}s, {total} drops traced, {} lost events", r.duration_s, r.lost_events);
-    let _ = writeln!(s, "{:<24} {:<28} {:<36} {:>10}", "iface", "reason", "location", "count");
+    let _ = writeln!(
+        s,
+        "vtrace drops: {:.1}s, {total} drops traced, {} lost events",
+        r.duration_s, r.lost_events
+    );
+    let _ = writeln!(
+        s,
+        "{:<24} {:<28} {:<36} {:>10}",
+        "iface", "reason", "location", "count"
+    );
     for d in &r.drops {
-        let _ = writeln!(s, "{:<24} {:<28} {:<36} {:>10}", d.iface, d.reason, d.location, d.count);
+        let _ = writeln!(
+            s,
+            "{:<24} {:<28} {:<36} {:>10}",
+            d.iface, d.reason, d.location, d.count
+        );
     }
-    let _ = writeln!(s, "\nper device: traced vs the kernel's own counters (delta over the run)");
-    let _ = writeln!(s, "{:<24} {:>10} {:>12} {:>12} {:>12}", "iface", "traced", "rx_dropped", "tx_dropped", "rx_missed");
+    let _ = writeln!(
+        s,
+        "\nper device: traced vs the kernel's own counters (delta over the run)"
+    );
+    let _ = writeln!(
+        s,
+        "{:<24} {:>10} {:>12} {:>12} {:>12}",
+        "iface", "traced", "rx_dropped", "tx_dropped", "rx_missed"
+    );
     let opt = |v: Option<u64>| v.map(|x| x.to_string()).unwrap_or_else(|| "-".into());
     for i in &r.ifaces {
         let _ = writeln!(
@@ -272,7 +333,11 @@ pub fn render(r: &DropsReport) -> String {
         }
     }
     if r.failed_map_inserts > 0 {
-        let _ = writeln!(s, "note: {} drops could not be added to the in-kernel table (full)", r.failed_map_inserts);
+        let _ = writeln!(
+            s,
+            "note: {} drops could not be added to the in-kernel table (full)",
+            r.failed_map_inserts
+        );
     }
     s
 }

@@ -64,49 +64,223 @@ pub struct HookPoint {
 }
 
 const fn tp(name: &'static str, stage: Stage, what: &'static str) -> HookPoint {
-    HookPoint { name, stage, tier: Tier::Tracepoint, module: None, what }
+    HookPoint {
+        name,
+        stage,
+        tier: Tier::Tracepoint,
+        module: None,
+        what,
+    }
 }
 
-const fn func(name: &'static str, stage: Stage, module: &'static str, what: &'static str) -> HookPoint {
-    HookPoint { name, stage, tier: Tier::Function, module: Some(module), what }
+const fn func(
+    name: &'static str,
+    stage: Stage,
+    module: &'static str,
+    what: &'static str,
+) -> HookPoint {
+    HookPoint {
+        name,
+        stage,
+        tier: Tier::Function,
+        module: Some(module),
+        what,
+    }
 }
 
 /// Every hook point vtrace knows.
 pub const CATALOG: &[HookPoint] = &[
-    tp("net:napi_gro_receive_entry", Stage::NicRx, "a NAPI driver passes a received packet to GRO"),
-    tp("net:netif_rx", Stage::NicRx, "a device (veth, backlog users) queues a packet to the CPU backlog"),
-    tp("net:netif_receive_skb", Stage::StackRx, "a device hands a packet to the stack (tap: tun_get_user delivers here)"),
-    tp("net:net_dev_queue", Stage::DriverXmit, "the stack queues a packet to a device, before the qdisc"),
-    tp("qdisc:qdisc_dequeue", Stage::Qdisc, "a qdisc releases a packet towards the driver"),
-    tp("net:net_dev_start_xmit", Stage::DriverXmit, "the driver's ndo_start_xmit takes the packet (tap/vif: hand-off to tun/netback)"),
-    tp("net:net_dev_xmit", Stage::DriverXmit, "ndo_start_xmit returned"),
-    tp("skb:skb_copy_datagram_iovec", Stage::Socket, "a reader (VMM, vhost, socket) copies the packet out"),
+    tp(
+        "net:napi_gro_receive_entry",
+        Stage::NicRx,
+        "a NAPI driver passes a received packet to GRO",
+    ),
+    tp(
+        "net:netif_rx",
+        Stage::NicRx,
+        "a device (veth, backlog users) queues a packet to the CPU backlog",
+    ),
+    tp(
+        "net:netif_receive_skb",
+        Stage::StackRx,
+        "a device hands a packet to the stack (tap: tun_get_user delivers here)",
+    ),
+    tp(
+        "net:net_dev_queue",
+        Stage::DriverXmit,
+        "the stack queues a packet to a device, before the qdisc",
+    ),
+    tp(
+        "qdisc:qdisc_dequeue",
+        Stage::Qdisc,
+        "a qdisc releases a packet towards the driver",
+    ),
+    tp(
+        "net:net_dev_start_xmit",
+        Stage::DriverXmit,
+        "the driver's ndo_start_xmit takes the packet (tap/vif: hand-off to tun/netback)",
+    ),
+    tp(
+        "net:net_dev_xmit",
+        Stage::DriverXmit,
+        "ndo_start_xmit returned",
+    ),
+    tp(
+        "skb:skb_copy_datagram_iovec",
+        Stage::Socket,
+        "a reader (VMM, vhost, socket) copies the packet out",
+    ),
     tp("skb:consume_skb", Stage::Free, "normal free"),
-    tp("skb:kfree_skb", Stage::Drop, "drop, with reason and location"),
-    tp("napi:napi_poll", Stage::NicRx, "a NAPI poll round of a device (batching, budget)"),
-    func("br_handle_frame", Stage::Bridge, "bridge", "bridge port rx handler"),
-    func("br_forward", Stage::Bridge, "bridge", "bridge forwards to one port"),
-    func("br_pass_frame_up", Stage::Bridge, "bridge", "bridge delivers to the host stack"),
-    func("br_dev_xmit", Stage::Bridge, "bridge", "the bridge device transmits"),
-    func("tun_get_user", Stage::TapVhost, "tun", "VMM/vhost writes a frame into a tap (a new skb)"),
-    func("tun_net_xmit", Stage::TapVhost, "tun", "host queues a frame on the tap's ring (FULL_RING drops)"),
-    func("tun_do_read", Stage::TapVhost, "tun", "VMM reads a frame from the tap"),
-    func("tun_sendmsg", Stage::TapVhost, "tun", "vhost-net writes a batch into the tap"),
-    func("tun_recvmsg", Stage::TapVhost, "tun", "vhost-net reads from the tap"),
-    func("handle_tx", Stage::TapVhost, "vhost_net", "vhost-net guest tx work"),
-    func("handle_rx", Stage::TapVhost, "vhost_net", "vhost-net guest rx work"),
-    func("vhost_worker", Stage::TapVhost, "vhost", "the vhost worker thread wakes up"),
-    func("xenvif_start_xmit", Stage::Netback, "xen_netback", "dom0 queues a packet for a guest (vif ndo_start_xmit)"),
-    func("xenvif_poll", Stage::Netback, "xen_netback", "netback NAPI poll: guest tx into dom0"),
-    func("xenvif_tx_action", Stage::Netback, "xen_netback", "netback grant-copies guest tx packets"),
-    func("xenvif_rx_action", Stage::Netback, "xen_netback", "netback guest-rx thread copies packets to the guest"),
-    func("xenvif_rx_queue_drop_expired", Stage::Netback, "xen_netback", "netback drops packets that waited too long for the guest"),
-    func("veth_xmit", Stage::Veth, "veth", "veth transmit (to the peer)"),
-    func("veth_poll", Stage::Veth, "veth", "veth NAPI poll (XDP/GRO path)"),
-    func("start_xmit", Stage::VirtioNet, "virtio_net", "virtio-net transmit"),
-    func("virtnet_poll", Stage::VirtioNet, "virtio_net", "virtio-net NAPI poll"),
-    HookPoint { name: "tc", stage: Stage::Device, tier: Tier::Device, module: None, what: "tc clsact ingress/egress classifier on a device" },
-    HookPoint { name: "xdp", stage: Stage::Device, tier: Tier::Device, module: None, what: "XDP program on a device" },
+    tp(
+        "skb:kfree_skb",
+        Stage::Drop,
+        "drop, with reason and location",
+    ),
+    tp(
+        "napi:napi_poll",
+        Stage::NicRx,
+        "a NAPI poll round of a device (batching, budget)",
+    ),
+    func(
+        "br_handle_frame",
+        Stage::Bridge,
+        "bridge",
+        "bridge port rx handler",
+    ),
+    func(
+        "br_forward",
+        Stage::Bridge,
+        "bridge",
+        "bridge forwards to one port",
+    ),
+    func(
+        "br_pass_frame_up",
+        Stage::Bridge,
+        "bridge",
+        "bridge delivers to the host stack",
+    ),
+    func(
+        "br_dev_xmit",
+        Stage::Bridge,
+        "bridge",
+        "the bridge device transmits",
+    ),
+    func(
+        "tun_get_user",
+        Stage::TapVhost,
+        "tun",
+        "VMM/vhost writes a frame into a tap (a new skb)",
+    ),
+    func(
+        "tun_net_xmit",
+        Stage::TapVhost,
+        "tun",
+        "host queues a frame on the tap's ring (FULL_RING drops)",
+    ),
+    func(
+        "tun_do_read",
+        Stage::TapVhost,
+        "tun",
+        "VMM reads a frame from the tap",
+    ),
+    func(
+        "tun_sendmsg",
+        Stage::TapVhost,
+        "tun",
+        "vhost-net writes a batch into the tap",
+    ),
+    func(
+        "tun_recvmsg",
+        Stage::TapVhost,
+        "tun",
+        "vhost-net reads from the tap",
+    ),
+    func(
+        "handle_tx",
+        Stage::TapVhost,
+        "vhost_net",
+        "vhost-net guest tx work",
+    ),
+    func(
+        "handle_rx",
+        Stage::TapVhost,
+        "vhost_net",
+        "vhost-net guest rx work",
+    ),
+    func(
+        "vhost_worker",
+        Stage::TapVhost,
+        "vhost",
+        "the vhost worker thread wakes up",
+    ),
+    func(
+        "xenvif_start_xmit",
+        Stage::Netback,
+        "xen_netback",
+        "dom0 queues a packet for a guest (vif ndo_start_xmit)",
+    ),
+    func(
+        "xenvif_poll",
+        Stage::Netback,
+        "xen_netback",
+        "netback NAPI poll: guest tx into dom0",
+    ),
+    func(
+        "xenvif_tx_action",
+        Stage::Netback,
+        "xen_netback",
+        "netback grant-copies guest tx packets",
+    ),
+    func(
+        "xenvif_rx_action",
+        Stage::Netback,
+        "xen_netback",
+        "netback guest-rx thread copies packets to the guest",
+    ),
+    func(
+        "xenvif_rx_queue_drop_expired",
+        Stage::Netback,
+        "xen_netback",
+        "netback drops packets that waited too long for the guest",
+    ),
+    func(
+        "veth_xmit",
+        Stage::Veth,
+        "veth",
+        "veth transmit (to the peer)",
+    ),
+    func(
+        "veth_poll",
+        Stage::Veth,
+        "veth",
+        "veth NAPI poll (XDP/GRO path)",
+    ),
+    func(
+        "start_xmit",
+        Stage::VirtioNet,
+        "virtio_net",
+        "virtio-net transmit",
+    ),
+    func(
+        "virtnet_poll",
+        Stage::VirtioNet,
+        "virtio_net",
+        "virtio-net NAPI poll",
+    ),
+    HookPoint {
+        name: "tc",
+        stage: Stage::Device,
+        tier: Tier::Device,
+        module: None,
+        what: "tc clsact ingress/egress classifier on a device",
+    },
+    HookPoint {
+        name: "xdp",
+        stage: Stage::Device,
+        tier: Tier::Device,
+        module: None,
+        what: "XDP program on a device",
+    },
 ];
 
 /// A hook's status on the running kernel.
@@ -130,7 +304,8 @@ pub struct HookStatus {
 /// Tries every catalog entry on this kernel.
 pub fn probe_all() -> Result<Vec<HookStatus>> {
     let btf = Btf::from_sys_fs().map_err(|e| anyhow!("reading /sys/kernel/btf/vmlinux: {e}"))?;
-    let btf_info = BtfInfo::from_sys_vmlinux().map_err(|e| anyhow!("parsing /sys/kernel/btf/vmlinux: {e}"))?;
+    let btf_info =
+        BtfInfo::from_sys_vmlinux().map_err(|e| anyhow!("parsing /sys/kernel/btf/vmlinux: {e}"))?;
     let mut ebpf = load_object()?;
     let kprobes = kprobe_support();
     Ok(CATALOG
@@ -147,7 +322,12 @@ fn load_object() -> Result<Ebpf> {
     EbpfLoader::new()
         .override_global("CONFIG", &Config::zeroed(), true)
         .load(tracer::object())
-        .map_err(|e| anyhow!("loading vtrace's eBPF object: {e}{}", tracer::hint(&e.to_string())))
+        .map_err(|e| {
+            anyhow!(
+                "loading vtrace's eBPF object: {e}{}",
+                tracer::hint(&e.to_string())
+            )
+        })
 }
 
 fn status(hp: &HookPoint) -> HookStatus {
@@ -169,7 +349,11 @@ fn status(hp: &HookPoint) -> HookStatus {
 fn probe_tracepoint(ebpf: &mut Ebpf, btf: &Btf, hp: &HookPoint) -> HookStatus {
     let mut st = status(hp);
     let tp_name = hp.name.split(':').nth(1).unwrap_or(hp.name);
-    let Some(hook) = Hook::ALL.iter().copied().find(|h| h.tracepoint() == tp_name) else {
+    let Some(hook) = Hook::ALL
+        .iter()
+        .copied()
+        .find(|h| h.tracepoint() == tp_name)
+    else {
         let present = std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
             && crate::kernel::btf::Btf::from_sys_vmlinux()
                 .map(|b| b.has_typedef(&format!("btf_trace_{tp_name}")))
@@ -268,7 +452,10 @@ fn probe_function(
     match kprobes {
         Err(why) => {
             st.status = "refused";
-            st.reason = Some(format!("{}; kprobe: {why}", fentry_said.unwrap_or_default()));
+            st.reason = Some(format!(
+                "{}; kprobe: {why}",
+                fentry_said.unwrap_or_default()
+            ));
         }
         Ok(()) => match try_program::<KProbe>(ebpf, "vt_probe_kprobe", |p| {
             p.load()?;
@@ -347,20 +534,32 @@ where
         errno: None,
         message: format!("program {name} not in the object"),
     })?;
-    let p: &mut P = prog.try_into().map_err(|e: aya::programs::ProgramError| Failure {
-        errno: None,
-        message: e.to_string(),
-    })?;
+    let p: &mut P = prog
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| Failure {
+            errno: None,
+            message: e.to_string(),
+        })?;
     f(p).map_err(|e| {
         let errno = errno_of(&e);
         let message = match &e {
             aya::programs::ProgramError::LoadError { verifier_log, .. } => {
                 let log = verifier_log.to_string();
-                let first = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim().to_string();
+                let first = log
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
                 format!(
                     "BPF_PROG_LOAD refused ({}), {}",
                     errno.map(errno_name).unwrap_or_else(|| "?".into()),
-                    if first.is_empty() { "empty verifier log".to_string() } else { format!("verifier: {first}") }
+                    if first.is_empty() {
+                        "empty verifier log".to_string()
+                    } else {
+                        format!("verifier: {first}")
+                    }
                 )
             }
             other => match errno {

@@ -26,7 +26,11 @@ fn main() -> ExitCode {
         Err(e) => {
             // --help and --version print and succeed; usage errors print clap's message.
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match run(cli) {
@@ -48,9 +52,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // Usable when the tracepoint tier works: that is what latency and drops need.
             let tracepoints_ok = statuses
                 .iter()
-                .filter(|s| s.tier == hooks::Tier::Tracepoint && latency::HOOKS.iter().any(|h| s.hook.ends_with(h.tracepoint())))
+                .filter(|s| {
+                    s.tier == hooks::Tier::Tracepoint
+                        && latency::HOOKS
+                            .iter()
+                            .any(|h| s.hook.ends_with(h.tracepoint()))
+                })
                 .all(|s| s.status == "available");
-            Ok(if tracepoints_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if tracepoints_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Latency(args) => {
             kernel::privileges::require()?;
@@ -64,16 +77,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Compare { a, b, json } => {
             let read = |p: &std::path::Path| -> Result<latency::report::LatencyReport> {
-                let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-                serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not a `vtrace latency --json` report", p.display()))
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?;
+                serde_json::from_str(&text).with_context(|| {
+                    format!("{} is not a `vtrace latency --json` report", p.display())
+                })
             };
             let (ra, rb) = (read(&a)?, read(&b)?);
             let cmp = latency::compare::compare(&ra, &rb);
             if json {
                 println!("{}", serde_json::to_string(&cmp)?);
             } else {
-                let name = |p: &std::path::Path| p.file_stem().map(|s| s.to_string_lossy().to_string()).unwrap_or_default();
+                let name = |p: &std::path::Path| {
+                    p.file_stem()
+                        .map(|s| s.to_string_lossy().to_string())
+                        .unwrap_or_default()
+                };
                 print!("{}", cmp.render(&name(&a), &name(&b)));
             }
             Ok(ExitCode::SUCCESS)
@@ -83,13 +102,25 @@ fn run(cli: Cli) -> Result<ExitCode> {
 
 fn print_hooks(statuses: &[hooks::HookStatus], json: bool) -> Result<()> {
     if json {
-        println!("{}", serde_json::to_string(&serde_json::json!({ "hooks": statuses }))?);
+        println!(
+            "{}",
+            serde_json::to_string(&serde_json::json!({ "hooks": statuses }))?
+        );
         return Ok(());
     }
-    println!("{:<32} {:<12} {:<11} {:<10} {:<8} detail", "hook", "stage", "tier", "status", "via");
+    println!(
+        "{:<32} {:<12} {:<11} {:<10} {:<8} detail",
+        "hook", "stage", "tier", "status", "via"
+    );
     for s in statuses {
-        let stage = serde_json::to_value(s.stage)?.as_str().unwrap_or("").to_string();
-        let tier = serde_json::to_value(s.tier)?.as_str().unwrap_or("").to_string();
+        let stage = serde_json::to_value(s.stage)?
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        let tier = serde_json::to_value(s.tier)?
+            .as_str()
+            .unwrap_or("")
+            .to_string();
         let mut detail = String::new();
         if let Some(e) = &s.errno {
             detail.push_str(e);
@@ -101,7 +132,15 @@ fn print_hooks(statuses: &[hooks::HookStatus], json: bool) -> Result<()> {
         if s.symbols.len() > 1 || s.symbols.first().is_some_and(|x| x != s.hook) {
             detail.push_str(&format!(" [symbols: {}]", s.symbols.join(", ")));
         }
-        println!("{:<32} {:<12} {:<11} {:<10} {:<8} {}", s.hook, stage, tier, s.status, s.via.unwrap_or("-"), detail.trim());
+        println!(
+            "{:<32} {:<12} {:<11} {:<10} {:<8} {}",
+            s.hook,
+            stage,
+            tier,
+            s.status,
+            s.via.unwrap_or("-"),
+            detail.trim()
+        );
     }
     Ok(())
 }

@@ -3,7 +3,6 @@
 
 use std::{
     collections::HashMap,
-    io::IsTerminal,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -82,15 +81,23 @@ pub async fn run(
     let ring = tracer.take_events()?;
     // SAFETY: the AsyncFd owns the RingBuf, so the fd stays open as long as it is registered.
     let mut ring = unsafe { AsyncFd::register(ring) }.context("polling the event ring buffer")?;
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
     let started = Instant::now();
     let deadline = timing.duration.map(|d| tokio::time::Instant::now() + d);
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + timing.interval, timing.interval);
-    if std::io::stderr().is_terminal() {
-        let how: Vec<String> = tracer.attached.iter().map(|(h, a)| format!("{}:{}({})", h.group(), h.tracepoint(), a.name())).collect();
-        eprintln!("vtrace: attached {} hooks: {}", how.len(), how.join(" "));
-    }
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + timing.interval,
+        timing.interval,
+    );
+    // Always said on stderr: scripts wait for this line before sending traffic.
+    let how: Vec<String> = tracer
+        .attached
+        .iter()
+        .map(|(h, a)| format!("{}:{}({})", h.group(), h.tracepoint(), a.name()))
+        .collect();
+    eprintln!("vtrace: attached {} hooks: {}", how.len(), how.join(" "));
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {

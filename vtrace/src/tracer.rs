@@ -74,7 +74,8 @@ impl Tracer {
     /// Loads the object and attaches every requested hook. On any failure nothing stays
     /// attached: the links die with the `Ebpf` value dropped on the error path.
     pub fn start(opts: TracerOptions) -> Result<Tracer> {
-        let btf = Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
+        let btf =
+            Btf::from_sys_fs().context("reading the kernel's BTF (/sys/kernel/btf/vmlinux)")?;
         #[allow(deprecated)]
         let ebpf = EbpfLoader::new()
             .btf(Some(&btf))
@@ -116,7 +117,8 @@ impl Tracer {
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} not in the object"))?
             .try_into()?;
-        prog.load(tp, btf).map_err(|e| anyhow!("{e}{}", hint(&format!("{e:?}"))))?;
+        prog.load(tp, btf)
+            .map_err(|e| anyhow!("{e}{}", hint(&format!("{e:?}"))))?;
         prog.attach()?;
         Ok(())
     }
@@ -127,7 +129,8 @@ impl Tracer {
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} not in the object"))?
             .try_into()?;
-        prog.load().map_err(|e| anyhow!("{e}{}", hint(&format!("{e:?}"))))?;
+        prog.load()
+            .map_err(|e| anyhow!("{e}{}", hint(&format!("{e:?}"))))?;
         prog.attach(tp)?;
         Ok(())
     }
@@ -202,7 +205,10 @@ impl Counters {
         self.slots[c as usize]
     }
     pub fn hooks(&self) -> impl Iterator<Item = (Hook, u64)> + '_ {
-        Hook::ALL.iter().map(|h| (*h, self.slots[*h as usize])).take(HOOK_COUNT)
+        Hook::ALL
+            .iter()
+            .map(|h| (*h, self.slots[*h as usize]))
+            .take(HOOK_COUNT)
     }
 }
 
@@ -218,7 +224,10 @@ pub fn decode(bytes: &[u8]) -> Option<HopEvent> {
 
 /// The hint a user needs after a kernel refusal.
 pub fn hint(err: &str) -> &'static str {
-    if err.contains("EPERM") || err.contains("Operation not permitted") || err.contains("os error 1)") {
+    if err.contains("EPERM")
+        || err.contains("Operation not permitted")
+        || err.contains("os error 1)")
+    {
         " (the kernel said EPERM: run as root, or grant CAP_BPF and CAP_PERFMON; on some kernels lockdown or a security module refuses this program type)"
     } else if err.contains("ENOENT") || err.contains("No such file") {
         " (not in this kernel: the tracepoint or function does not exist, or its module is not loaded)"

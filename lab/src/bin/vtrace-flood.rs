@@ -1,5 +1,6 @@
 //! `vtrace-flood`: 64-byte UDP flood between two lab namespaces.
 
+use std::io::Write;
 use std::net::SocketAddrV4;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -38,6 +39,13 @@ struct Cli {
     json: bool,
 }
 
+/// `println!` that ignores write errors (e.g. a closed pipe).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -60,22 +68,26 @@ fn run(cli: Cli) -> Result<()> {
     };
     let r = flood(opts)?;
     if cli.json {
-        println!("{}", r.to_json());
+        say!("{}", r.to_json());
     } else {
         let loss = if r.sent > 0 {
             100.0 * (r.sent.saturating_sub(r.received)) as f64 / r.sent as f64
         } else {
             0.0
         };
-        println!(
+        say!(
             "sent     {:>10} datagrams in {:.3} s: {:>10.0} pps",
             r.sent,
             r.elapsed.as_secs_f64(),
             r.sent_pps
         );
-        println!("received {:>10} datagrams:            {:>10.0} pps (loss {loss:.2}%)", r.received, r.received_pps);
+        say!(
+            "received {:>10} datagrams:            {:>10.0} pps (loss {loss:.2}%)",
+            r.received,
+            r.received_pps
+        );
         if r.send_errors > 0 {
-            println!("transient send errors: {}", r.send_errors);
+            say!("transient send errors: {}", r.send_errors);
         }
     }
     Ok(())

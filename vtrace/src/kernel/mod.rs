@@ -42,7 +42,10 @@ pub fn drop_reasons(btf: &btf::Btf) -> Result<BTreeMap<u32, String>> {
     Ok(values
         .into_iter()
         .map(|(name, v)| {
-            let short = name.strip_prefix("SKB_DROP_REASON_").unwrap_or(&name).to_string();
+            let short = name
+                .strip_prefix("SKB_DROP_REASON_")
+                .unwrap_or(&name)
+                .to_string();
             (v as u32, short)
         })
         .collect())

@@ -18,13 +18,19 @@ impl DropCounters {
         DropCounters {
             rx_dropped: self.rx_dropped.saturating_sub(before.rx_dropped),
             tx_dropped: self.tx_dropped.saturating_sub(before.tx_dropped),
-            rx_missed_errors: self.rx_missed_errors.saturating_sub(before.rx_missed_errors),
+            rx_missed_errors: self
+                .rx_missed_errors
+                .saturating_sub(before.rx_missed_errors),
             rx_fifo_errors: self.rx_fifo_errors.saturating_sub(before.rx_fifo_errors),
             tx_fifo_errors: self.tx_fifo_errors.saturating_sub(before.tx_fifo_errors),
         }
     }
     pub fn total(&self) -> u64 {
-        self.rx_dropped + self.tx_dropped + self.rx_missed_errors + self.rx_fifo_errors + self.tx_fifo_errors
+        self.rx_dropped
+            + self.tx_dropped
+            + self.rx_missed_errors
+            + self.rx_fifo_errors
+            + self.tx_fifo_errors
     }
 }
 
@@ -62,7 +68,9 @@ fn read_u64(p: &Path) -> u64 {
 /// The network namespace inode of this process (to tell host devices from namespaced ones).
 pub fn own_netns() -> u32 {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self/ns/net").map(|m| m.ino() as u32).unwrap_or(0)
+    std::fs::metadata("/proc/self/ns/net")
+        .map(|m| m.ino() as u32)
+        .unwrap_or(0)
 }
 
 /// Names of the namespaces under /var/run/netns (`ip netns`), by inode.

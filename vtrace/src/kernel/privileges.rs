@@ -68,7 +68,10 @@ pub fn ensure_bpffs() -> Result<()> {
 
 fn ensure_mount(target: &str, fstype: &str, source: &str) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts.lines().any(|l| l.split_whitespace().nth(1) == Some(target)) {
+    if mounts
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(target))
+    {
         return Ok(());
     }
     if !Path::new(target).exists() {
@@ -93,11 +96,16 @@ mod tests {
 
     #[test]
     fn names_what_is_missing() {
-        assert_eq!(missing_caps(0), vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]);
+        assert_eq!(
+            missing_caps(0),
+            vec!["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"]
+        );
         let root = u64::MAX >> 23;
         assert!(missing_caps(root).is_empty());
         // CAP_SYS_ADMIN covers BPF and PERFMON, not NET_ADMIN.
         assert_eq!(missing_caps(1 << CAP_SYS_ADMIN), vec!["CAP_NET_ADMIN"]);
-        assert!(missing_caps((1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN)).is_empty());
+        assert!(
+            missing_caps((1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN)).is_empty()
+        );
     }
 }

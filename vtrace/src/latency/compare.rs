@@ -13,12 +13,21 @@ pub fn stage_of(from: &HopRef, to: &HopRef) -> &'static str {
     let same_dev = from.iface == to.iface;
     match (from.hook.as_str(), to.hook.as_str()) {
         // A reader copied the frame out of one skb and a writer made a new skb from it.
-        ("consume_skb" | "skb_copy_datagram_iovec", "netif_receive_skb" | "netif_rx" | "napi_gro_receive_entry") => "vmm: tap read -> tap write",
-        ("net_dev_start_xmit" | "net_dev_xmit", "skb_copy_datagram_iovec") => "tap queue: wait for the reader",
+        (
+            "consume_skb" | "skb_copy_datagram_iovec",
+            "netif_receive_skb" | "netif_rx" | "napi_gro_receive_entry",
+        ) => "vmm: tap read -> tap write",
+        ("net_dev_start_xmit" | "net_dev_xmit", "skb_copy_datagram_iovec") => {
+            "tap queue: wait for the reader"
+        }
         ("skb_copy_datagram_iovec", "consume_skb" | "kfree_skb") => "reader copy",
         ("net_dev_start_xmit", "net_dev_xmit") => "driver xmit",
-        ("net_dev_queue", "net_dev_start_xmit") | ("net_dev_queue", "qdisc_dequeue") | ("qdisc_dequeue", "net_dev_start_xmit") => "qdisc",
-        ("net_dev_start_xmit" | "net_dev_xmit", "netif_rx" | "netif_receive_skb") if !same_dev => "veth/device hand-off",
+        ("net_dev_queue", "net_dev_start_xmit")
+        | ("net_dev_queue", "qdisc_dequeue")
+        | ("qdisc_dequeue", "net_dev_start_xmit") => "qdisc",
+        ("net_dev_start_xmit" | "net_dev_xmit", "netif_rx" | "netif_receive_skb") if !same_dev => {
+            "veth/device hand-off"
+        }
         ("netif_rx", "netif_receive_skb") => "backlog softirq",
         ("netif_receive_skb", "net_dev_queue") if !same_dev => "bridge/forward",
         ("netif_receive_skb", "skb_copy_datagram_iovec") => "socket delivery",
@@ -49,7 +58,10 @@ pub struct Comparison {
 /// busiest path's packets (for ping: the request and the reply path).
 fn main_paths(r: &LatencyReport) -> Vec<&super::report::PathReport> {
     let max = r.paths.iter().map(|p| p.count).max().unwrap_or(0);
-    r.paths.iter().filter(|p| p.count * 4 >= max && p.hops.len() > 1).collect()
+    r.paths
+        .iter()
+        .filter(|p| p.count * 4 >= max && p.hops.len() > 1)
+        .collect()
 }
 
 /// Time per stage, summed along the main paths (each edge's mean).
@@ -75,25 +87,40 @@ pub fn compare(a: &LatencyReport, b: &LatencyReport) -> Comparison {
     let mut stages: Vec<StageRow> = names
         .into_iter()
         .map(|s| {
-            let (x, y) = (a_st.get(s).copied().unwrap_or(0.0), b_st.get(s).copied().unwrap_or(0.0));
+            let (x, y) = (
+                a_st.get(s).copied().unwrap_or(0.0),
+                b_st.get(s).copied().unwrap_or(0.0),
+            );
             StageRow {
                 stage: s.to_string(),
                 a_ns: x,
                 b_ns: y,
                 diff_ns: y - x,
-                share: if diff_total.abs() > 0.0 { (y - x) / diff_total } else { 0.0 },
+                share: if diff_total.abs() > 0.0 {
+                    (y - x) / diff_total
+                } else {
+                    0.0
+                },
             }
         })
         .collect();
     stages.sort_by(|p, q| q.diff_ns.total_cmp(&p.diff_ns));
-    Comparison { a_total_ns: a_total, b_total_ns: b_total, stages }
+    Comparison {
+        a_total_ns: a_total,
+        b_total_ns: b_total,
+        stages,
+    }
 }
 
 impl Comparison {
     pub fn render(&self, a_name: &str, b_name: &str) -> String {
         use std::fmt::Write;
         let mut s = String::new();
-        let _ = writeln!(s, "{:<34} {:>12} {:>12} {:>12} {:>7}", "stage", a_name, b_name, "difference", "share");
+        let _ = writeln!(
+            s,
+            "{:<34} {:>12} {:>12} {:>12} {:>7}",
+            "stage", a_name, b_name, "difference", "share"
+        );
         for r in &self.stages {
             let _ = writeln!(
                 s,
@@ -137,5 +164,8 @@ fn fmt_signed(ns: f64) -> String {
 
 /// Edges of a report that belong to `stage`.
 pub fn edges_in_stage<'a>(r: &'a LatencyReport, stage: &str) -> Vec<&'a EdgeReport> {
-    r.edges.iter().filter(|e| stage_of(&e.from, &e.to) == stage).collect()
+    r.edges
+        .iter()
+        .filter(|e| stage_of(&e.from, &e.to) == stage)
+        .collect()
 }

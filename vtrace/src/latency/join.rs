@@ -173,7 +173,9 @@ impl Joiner {
 
     fn append(&mut self, id: u64, ev: &HopIn) {
         let (prev, iface) = {
-            let Some(seg) = self.segs.get(&id) else { return };
+            let Some(seg) = self.segs.get(&id) else {
+                return;
+            };
             let prev = match seg.hops.last() {
                 Some(h) => Some(h.clone()),
                 None => seg.parent.and_then(|(pid, link)| {
@@ -191,7 +193,10 @@ impl Joiner {
             };
             (prev, iface)
         };
-        let point = Point { hook: ev.hook, iface };
+        let point = Point {
+            hook: ev.hook,
+            iface,
+        };
         if let Some((from, from_ts)) = prev {
             if ev.ts < from_ts {
                 self.stats.reordered += 1;
@@ -237,7 +242,9 @@ impl Joiner {
         let mut due: Vec<(u64, u64)> = self
             .segs
             .iter()
-            .filter(|(_, s)| s.ended && !s.finalized && (force || now.saturating_sub(s.last_ts()) > window))
+            .filter(|(_, s)| {
+                s.ended && !s.finalized && (force || now.saturating_sub(s.last_ts()) > window)
+            })
             .map(|(id, s)| (s.last_ts(), *id))
             .collect();
         due.sort_unstable();
@@ -278,7 +285,9 @@ impl Joiner {
         // Guard against cycles, which `start` cannot make, by bounding the walk.
         for _ in 0..64 {
             let Some(cid) = cur else { break };
-            let Some(seg) = self.segs.get(&cid) else { break };
+            let Some(seg) = self.segs.get(&cid) else {
+                break;
+            };
             let n = limit.min(seg.hops.len());
             chain.push(&seg.hops[..n]);
             match seg.parent {
@@ -295,7 +304,9 @@ impl Joiner {
     /// Drops a finalized segment once no child needs it, then its parent likewise.
     fn release(&mut self, mut id: u64) {
         loop {
-            let Some(seg) = self.segs.get(&id) else { return };
+            let Some(seg) = self.segs.get(&id) else {
+                return;
+            };
             if !seg.finalized || seg.open_children > 0 {
                 return;
             }
@@ -322,14 +333,22 @@ mod tests {
     use super::*;
 
     fn ev(ts: u64, skb: u64, fp: u64, hook: Hook, iface: Option<&str>) -> HopIn {
-        HopIn { ts, skb, fingerprint: fp, hook, iface: iface.map(Arc::from) }
+        HopIn {
+            ts,
+            skb,
+            fingerprint: fp,
+            hook,
+            iface: iface.map(Arc::from),
+        }
     }
 
     fn paths(j: &mut Joiner) -> Vec<(Vec<String>, u64)> {
         j.drain()
             .filter_map(|o| match o {
                 Observation::Path { hops, ns } => Some((
-                    hops.iter().map(|p| format!("{}@{}", p.hook.tracepoint(), p.iface)).collect(),
+                    hops.iter()
+                        .map(|p| format!("{}@{}", p.hook.tracepoint(), p.iface))
+                        .collect(),
                     ns,
                 )),
                 _ => None,
@@ -351,16 +370,33 @@ mod tests {
         let edges: Vec<_> = j
             .drain()
             .filter_map(|o| match o {
-                Observation::Edge { from, to, ns } => Some((from.hook, to.hook, to.iface.to_string(), ns)),
+                Observation::Edge { from, to, ns } => {
+                    Some((from.hook, to.hook, to.iface.to_string(), ns))
+                }
                 _ => None,
             })
             .collect();
         assert_eq!(
             edges,
             vec![
-                (Hook::NetDevStartXmit, Hook::SkbCopyDatagramIovec, "tapA".into(), 500),
-                (Hook::SkbCopyDatagramIovec, Hook::ConsumeSkb, "tapA".into(), 100),
-                (Hook::ConsumeSkb, Hook::NetifReceiveSkb, "tapB".into(), 8_000),
+                (
+                    Hook::NetDevStartXmit,
+                    Hook::SkbCopyDatagramIovec,
+                    "tapA".into(),
+                    500
+                ),
+                (
+                    Hook::SkbCopyDatagramIovec,
+                    Hook::ConsumeSkb,
+                    "tapA".into(),
+                    100
+                ),
+                (
+                    Hook::ConsumeSkb,
+                    Hook::NetifReceiveSkb,
+                    "tapB".into(),
+                    8_000
+                ),
                 (Hook::NetifReceiveSkb, Hook::ConsumeSkb, "tapB".into(), 400),
             ]
         );
@@ -413,7 +449,10 @@ mod tests {
         j.push(ev(900, 9, 2, Hook::NetDevQueue, Some("a")));
         j.flush(true);
         assert_eq!(j.stats.stale, 1);
-        let edges = j.drain().filter(|o| matches!(o, Observation::Edge { .. })).count();
+        let edges = j
+            .drain()
+            .filter(|o| matches!(o, Observation::Edge { .. }))
+            .count();
         assert_eq!(edges, 0);
     }
 
@@ -428,8 +467,14 @@ mod tests {
         j.push(ev(300, 1, 3, Hook::KfreeSkb, None)); // the original, dropped (NO_SOCKET)
         j.flush(true);
         let obs: Vec<_> = j.drain().collect();
-        let edges = obs.iter().filter(|o| matches!(o, Observation::Edge { .. })).count();
-        let paths = obs.iter().filter(|o| matches!(o, Observation::Path { .. })).count();
+        let edges = obs
+            .iter()
+            .filter(|o| matches!(o, Observation::Edge { .. }))
+            .count();
+        let paths = obs
+            .iter()
+            .filter(|o| matches!(o, Observation::Path { .. }))
+            .count();
         assert_eq!(edges, 3);
         assert_eq!(paths, 1);
         assert_eq!(j.in_flight(), 0);

@@ -22,15 +22,24 @@ pub const HOOKS: [Hook; 10] = Hook::ALL;
 
 pub fn run(args: &LatencyArgs) -> Result<()> {
     let config = args.filter.config(flags::TRACK, args.sample)?;
-    let opts = TracerOptions { config, hooks: HOOKS.to_vec(), ring_bytes: args.ring_kib.saturating_mul(1024) };
-    let timing = Timing { duration: args.duration.map(Duration::from_secs_f64), interval: Duration::from_secs_f64(args.interval) };
+    let opts = TracerOptions {
+        config,
+        hooks: HOOKS.to_vec(),
+        ring_bytes: args.ring_kib.saturating_mul(1024),
+    };
+    let timing = Timing {
+        duration: args.duration.map(Duration::from_secs_f64),
+        interval: Duration::from_secs_f64(args.interval),
+    };
     // Both callbacks of the session feed the same joiner and histograms.
     let joiner = RefCell::new(Joiner::new((args.window_ms * 1e6) as u64));
     let agg = RefCell::new(Aggregate::new());
     let mut namer = IfaceNamer::new();
     let mut final_report = None;
     let live = !args.json && std::io::stdout().is_terminal();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(session::run(
         opts,
         timing,
@@ -76,6 +85,10 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
         },
     ))?;
     if let Some(report) = final_report {
+        if let Some(path) = &args.output {
+            std::fs::write(path, serde_json::to_string(&report)?)
+                .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        }
         if args.json {
             println!("{}", serde_json::to_string(&report)?);
         } else {
@@ -91,8 +104,9 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
 impl FilterArgs {
     /// The load-time configuration for these filters.
     pub fn config(&self, features: u32, sample: u32) -> Result<vtrace_common::Config> {
-        let btf = crate::kernel::btf::Btf::from_sys_vmlinux()
-            .map_err(|e| anyhow::anyhow!("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {e}"))?;
+        let btf = crate::kernel::btf::Btf::from_sys_vmlinux().map_err(|e| {
+            anyhow::anyhow!("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {e}")
+        })?;
         let mut c = vtrace_common::Config::zeroed();
         c.offsets = crate::kernel::resolve_offsets(&btf)?;
         c.flags = features;

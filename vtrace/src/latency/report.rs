@@ -29,13 +29,20 @@ impl Default for Aggregate {
 
 impl Aggregate {
     pub fn new() -> Aggregate {
-        Aggregate { edges: HashMap::new(), paths: HashMap::new() }
+        Aggregate {
+            edges: HashMap::new(),
+            paths: HashMap::new(),
+        }
     }
 
     pub fn add(&mut self, obs: Observation) {
         match obs {
             Observation::Edge { from, to, ns } => {
-                let _ = self.edges.entry((from, to)).or_insert_with(new_hist).record(ns);
+                let _ = self
+                    .edges
+                    .entry((from, to))
+                    .or_insert_with(new_hist)
+                    .record(ns);
             }
             Observation::Path { hops, ns } => {
                 let _ = self.paths.entry(hops).or_insert_with(new_hist).record(ns);
@@ -76,7 +83,13 @@ impl Aggregate {
             })
             .collect();
         paths.sort_by(|a, b| b.count.cmp(&a.count).then(b.hops.len().cmp(&a.hops.len())));
-        LatencyReport { duration_s, lost_events, edges, paths, notes: Vec::new() }
+        LatencyReport {
+            duration_s,
+            lost_events,
+            edges,
+            paths,
+            notes: Vec::new(),
+        }
     }
 }
 
@@ -89,7 +102,10 @@ pub struct HopRef {
 
 impl HopRef {
     fn of(p: &Point) -> HopRef {
-        HopRef { hook: p.hook.tracepoint().to_string(), iface: p.iface.to_string() }
+        HopRef {
+            hook: p.hook.tracepoint().to_string(),
+            iface: p.iface.to_string(),
+        }
     }
 }
 
@@ -140,7 +156,11 @@ impl PathReport {
             .into_iter()
             .flatten()
             .max_by(|a, b| a.mean_ns.total_cmp(&b.mean_ns))?;
-        let share = if self.mean_ns > 0.0 { best.mean_ns / self.mean_ns } else { 0.0 };
+        let share = if self.mean_ns > 0.0 {
+            best.mean_ns / self.mean_ns
+        } else {
+            0.0
+        };
         Some((best, share))
     }
 }
@@ -183,7 +203,10 @@ impl LatencyReport {
             self.lost_events
         );
         if self.paths.is_empty() {
-            let _ = writeln!(s, "  no complete packet path seen yet (is traffic crossing the traced devices?)");
+            let _ = writeln!(
+                s,
+                "  no complete packet path seen yet (is traffic crossing the traced devices?)"
+            );
         }
         for (i, p) in self.paths.iter().take(max_paths).enumerate() {
             let _ = writeln!(
@@ -207,7 +230,11 @@ impl LatencyReport {
                 let (from, to) = (w[0].to_string(), w[1].to_string());
                 match e {
                     Some(e) => {
-                        let share = if p.mean_ns > 0.0 { 100.0 * e.mean_ns / p.mean_ns } else { 0.0 };
+                        let share = if p.mean_ns > 0.0 {
+                            100.0 * e.mean_ns / p.mean_ns
+                        } else {
+                            0.0
+                        };
                         let _ = writeln!(
                             s,
                             "  {:<34} {:<34} {:>8} {:>9} {:>9} {:>9} {:>9} {:>5.0}%",

@@ -1,0 +1,197 @@
+//! `cargo xtask demo`: the main job on a built-in default. Brings up the lab, pings across the
+//! native path (netns — bridge — netns) and the virtual path (netns — bridge — tap ⇄ VMM ⇄ tap —
+//! bridge — netns) under vtrace, prints the per-stage breakdown of each and their comparison
+//! next to the reference paper's Table III, then floods the virtual path with 64-byte packets
+//! while the VMM reads slowly and shows where the drops happen. Tears everything down.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{bail, Context, Result};
+use vtrace_lab::{flood, ping, FloodOptions, Lab, LabOptions, VmmOptions};
+
+pub fn run(seconds: u64) -> Result<()> {
+    crate::require_root("the demo builds network namespaces and loads eBPF programs")?;
+    let root = workspace_root();
+    step("building vtrace (release)");
+    let st = Command::new(crate::cargo())
+        .args(["build", "--release", "-p", "vtrace"])
+        .current_dir(&root)
+        .status()?;
+    if !st.success() {
+        bail!("cargo build failed");
+    }
+    let vtrace = root.join("target/release/vtrace");
+    let out_dir = root.join("target/demo");
+    std::fs::create_dir_all(&out_dir)?;
+
+    step("bringing up the lab (native and virtual paths, addresses in 198.18.0.0/15)");
+    let lab = Lab::up(LabOptions::new())?;
+    let (native, virt) = (lab.native().clone(), lab.virt().clone());
+    println!(
+        "  native:  {} -> bridge {} -> {}",
+        native.sender_ns, native.bridge, native.receiver_ns
+    );
+    println!(
+        "  virtual: {} -> bridge {} -> tap {} => VMM => tap {} -> bridge {} -> {}",
+        virt.sender_ns,
+        virt.bridge_in,
+        virt.tap_in,
+        virt.tap_out,
+        virt.bridge_out,
+        virt.receiver_ns
+    );
+
+    let count = (seconds * 10).max(10) as u32;
+    let interval = Duration::from_millis(100);
+    let mut rtts = Vec::new();
+    for (name, sender, dst) in [
+        ("native", native.sender_ns.as_str(), native.receiver_ip),
+        ("virtual", virt.sender_ns.as_str(), virt.receiver_ip),
+    ] {
+        step(&format!("tracing {count} pings across the {name} path"));
+        let json = out_dir.join(format!("{name}.json"));
+        let tracer = start_vtrace(
+            &vtrace,
+            &[
+                "latency",
+                "--proto",
+                "icmp",
+                "--host",
+                &dst.to_string(),
+                "--duration",
+                &format!("{}", seconds + 2),
+                "--interval",
+                "3600",
+                "--top",
+                "2",
+                "-o",
+                json.to_str().unwrap_or_default(),
+            ],
+        )?;
+        let stats = ping(sender, dst, count, interval)?;
+        let table = finish(tracer)?;
+        println!("{table}");
+        let rtt = stats.rtt.map(|r| r.avg_ms).unwrap_or(f64::NAN);
+        println!(
+            "  ping: {} sent, {} received, mean RTT {rtt:.3} ms",
+            stats.transmitted, stats.received
+        );
+        rtts.push(rtt);
+    }
+
+    step("where the virtual path's extra time goes (vtrace compare native.json virtual.json)");
+    let cmp = Command::new(&vtrace)
+        .arg("compare")
+        .arg(out_dir.join("native.json"))
+        .arg(out_dir.join("virtual.json"))
+        .output()?;
+    print!("{}", String::from_utf8_lossy(&cmp.stdout));
+    println!("\n  this machine's Table III (ping RTT over the router, mean):");
+    println!("    {:<28} {:>10} {:>10}", "", "native", "virtual");
+    println!(
+        "    {:<28} {:>10.3} {:>10.3}",
+        "this lab (ms, measured)", rtts[0], rtts[1]
+    );
+    println!(
+        "    {:<28} {:>10.3} {:>10.3}",
+        "paper, Xen 3.2, idle (ms)", 0.084, 0.150
+    );
+    drop(lab);
+
+    step("64-byte flood across the virtual path while the VMM reads its tap slowly");
+    let slow = Lab::up(LabOptions::new().with_vmm(VmmOptions {
+        read_pause: Duration::from_micros(50),
+        tap_queue_len: Some(64),
+        ..VmmOptions::default()
+    }))?;
+    let v = slow.virt().clone();
+    let json = out_dir.join("drops.json");
+    let tracer = start_vtrace(
+        &vtrace,
+        &[
+            "drops",
+            "--duration",
+            &format!("{}", seconds + 1),
+            "--interval",
+            "3600",
+            "-o",
+            json.to_str().unwrap_or_default(),
+        ],
+    )?;
+    let report = flood(FloodOptions {
+        duration: Duration::from_secs(seconds),
+        ..FloodOptions::new(
+            v.sender_ns.clone(),
+            v.receiver_ns.clone(),
+            SocketAddrV4::new(v.receiver_ip, 9000),
+        )
+    })?;
+    let table = finish(tracer)?;
+    println!(
+        "  flood: {:.0} pps sent, {:.0} pps received ({:.0}% lost; the paper's Table II saw 60-96% with 64-byte packets on Xen 3.2)",
+        report.sent_pps,
+        report.received_pps,
+        100.0 * (1.0 - report.received as f64 / report.sent.max(1) as f64)
+    );
+    println!("{table}");
+    drop(slow);
+    step(&format!("done; JSON reports are in {}", out_dir.display()));
+    Ok(())
+}
+
+fn step(what: &str) {
+    println!("\n==> {what}");
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Starts vtrace and waits until it says its hooks are attached.
+fn start_vtrace(bin: &Path, args: &[&str]) -> Result<Child> {
+    let mut child = Command::new(bin)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stderr = child.stderr.take().context("vtrace stderr")?;
+    let mut lines = BufReader::new(stderr).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(l)) if l.contains("attached") => break,
+            Some(Ok(l)) => eprintln!("{l}"),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("vtrace exited before attaching");
+            }
+        }
+    }
+    // Keep draining stderr so vtrace never blocks on it.
+    std::thread::spawn(move || {
+        lines.for_each(|l| {
+            if let Ok(l) = l {
+                eprintln!("{l}")
+            }
+        })
+    });
+    Ok(child)
+}
+
+fn finish(child: Child) -> Result<String> {
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!("vtrace failed");
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}

@@ -1,0 +1,116 @@
+//! Helpers for the integration tests: run the real `vtrace` binary against real namespaces,
+//! devices and traffic made by the lab (vtrace-lab), and check what stays in the kernel.
+#![allow(dead_code)]
+
+use std::{
+    io::{BufRead, BufReader, Read},
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+pub const VTRACE: &str = env!("CARGO_BIN_EXE_vtrace");
+
+/// A running vtrace, started and attached.
+pub struct Running {
+    child: Child,
+    stderr: mpsc::Receiver<String>,
+}
+
+/// Starts vtrace and returns once it says its hooks are attached.
+pub fn start(args: &[&str]) -> Running {
+    let mut child = Command::new(VTRACE)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vtrace starts");
+    let stderr = child.stderr.take().expect("piped");
+    let (tx, rx) = mpsc::channel();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut ready = Some(ready_tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("attached") {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
+            }
+            let _ = tx.send(line);
+        }
+    });
+    if ready_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+        let _ = child.kill();
+        let out = child.wait_with_output().expect("wait");
+        let err: Vec<String> = rx.try_iter().collect();
+        panic!("vtrace did not attach: {:?} {}", out.status, err.join("\n"));
+    }
+    Running { child, stderr: rx }
+}
+
+impl Running {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for vtrace to end by itself (`--duration`) and returns stdout.
+    pub fn finish(mut self) -> String {
+        let mut out = String::new();
+        self.child
+            .stdout
+            .take()
+            .expect("piped")
+            .read_to_string(&mut out)
+            .expect("read stdout");
+        let status = self.child.wait().expect("wait");
+        let err: Vec<String> = self.stderr.try_iter().collect();
+        assert!(
+            status.success(),
+            "vtrace failed: {status:?}\n{}",
+            err.join("\n")
+        );
+        out
+    }
+
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs vtrace to completion.
+pub fn run(args: &[&str]) -> Output {
+    Command::new(VTRACE)
+        .args(args)
+        .output()
+        .expect("vtrace runs")
+}
+
+/// vtrace programs loaded in the kernel right now (bpftool shows names cut to 15 characters).
+pub fn vtrace_programs_loaded() -> usize {
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .expect("bpftool runs");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool prints JSON");
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("vt_")))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits up to `secs` for no vtrace program to remain (the kernel frees them asynchronously).
+pub fn wait_unloaded(secs: u64) -> usize {
+    let mut n = vtrace_programs_loaded();
+    for _ in 0..secs * 10 {
+        if n == 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        n = vtrace_programs_loaded();
+    }
+    n
+}

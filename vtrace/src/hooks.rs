@@ -457,6 +457,12 @@ fn probe_function(
                 fentry_said.unwrap_or_default()
             ));
         }
+        // aya attaches kprobes through the perf "kprobe" PMU, and falls back to tracefs's
+        // kprobe_events on kernels without it: make sure tracefs is there for that path.
+        Ok(()) if crate::kernel::privileges::ensure_tracefs().is_err() => {
+            st.status = "refused";
+            st.reason = Some("kprobe: tracefs is not mounted and could not be mounted".into());
+        }
         Ok(()) => match try_program::<KProbe>(ebpf, "vt_probe_kprobe", |p| {
             p.load()?;
             let link = p.attach(&symbol, 0)?;

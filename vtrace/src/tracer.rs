@@ -4,7 +4,7 @@
 //! Every attachment is a bpf link owned by this process: when the process exits, however it
 //! exits (even SIGKILL), the kernel drops the links and the programs with them.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::collections::BTreeMap;
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
@@ -12,7 +12,7 @@ use aya::{
     programs::{BtfTracePoint, RawTracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use vtrace_common::{Config, Counter, DropKey, Hook, HopEvent, COUNTER_SLOTS, HOOK_COUNT};
+use vtrace_common::{Config, Counter, DropKey, Hook, HopEvent, COUNTER_SLOTS};
 
 /// The eBPF object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vtrace.bpf.o"));
@@ -204,12 +204,6 @@ impl Counters {
     pub fn get(&self, c: Counter) -> u64 {
         self.slots[c as usize]
     }
-    pub fn hooks(&self) -> impl Iterator<Item = (Hook, u64)> + '_ {
-        Hook::ALL
-            .iter()
-            .map(|h| (*h, self.slots[*h as usize]))
-            .take(HOOK_COUNT)
-    }
 }
 
 /// Decodes one ring buffer record.
@@ -237,6 +231,3 @@ pub fn hint(err: &str) -> &'static str {
         ""
     }
 }
-
-/// Poll interval of the event reader when the ring buffer is empty.
-pub const IDLE_POLL: Duration = Duration::from_millis(20);

@@ -1,7 +1,10 @@
 //! What vtrace reads from the running kernel: BTF (struct offsets, drop reasons, functions),
 //! /proc/kallsyms, device counters, and the privileges and mounts it needs.
 
+// General-purpose readers of kernel formats: not every accessor is used by every command.
+#[allow(dead_code)]
 pub mod btf;
+#[allow(dead_code)]
 pub mod kallsyms;
 pub mod netdev;
 pub mod privileges;

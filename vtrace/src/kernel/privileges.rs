@@ -61,11 +61,6 @@ pub fn ensure_tracefs() -> Result<()> {
     ensure_mount("/sys/kernel/tracing", "tracefs", "tracefs")
 }
 
-/// Mounts bpffs at /sys/fs/bpf if it is not mounted (only pinning needs it).
-pub fn ensure_bpffs() -> Result<()> {
-    ensure_mount("/sys/fs/bpf", "bpf", "bpf")
-}
-
 fn ensure_mount(target: &str, fstype: &str, source: &str) -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     if mounts

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::report::{fmt_ns, EdgeReport, HopRef, LatencyReport};
+use super::report::{fmt_ns, HopRef, LatencyReport};
 
 /// The data-path stage an edge belongs to, from the hooks at its two ends.
 pub fn stage_of(from: &HopRef, to: &HopRef) -> &'static str {
@@ -160,12 +160,4 @@ fn fmt_signed(ns: f64) -> String {
     } else {
         format!("+{}", fmt_ns(ns))
     }
-}
-
-/// Edges of a report that belong to `stage`.
-pub fn edges_in_stage<'a>(r: &'a LatencyReport, stage: &str) -> Vec<&'a EdgeReport> {
-    r.edges
-        .iter()
-        .filter(|e| stage_of(&e.from, &e.to) == stage)
-        .collect()
 }

@@ -1,0 +1,136 @@
+//! The content fingerprint that joins a packet across copies: what it must keep equal (a copy,
+//! a router's TTL decrement, bytes past the packet's end) and what it must tell apart.
+
+use vtrace_common::packet::*;
+
+/// An Ethernet frame: optional 802.1Q tag, IPv4, ICMP echo with `seq` and a payload.
+fn icmp_frame(vlan: bool, ttl: u8, seq: u16, ip_id: u16) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+    if vlan {
+        f.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
+    }
+    f.extend_from_slice(&[0x08, 0x00]);
+    let payload = [0xaa_u8; 16];
+    let total = (20 + 8 + payload.len()) as u16;
+    f.extend_from_slice(&[
+        0x45,
+        0,
+        (total >> 8) as u8,
+        total as u8,
+        (ip_id >> 8) as u8,
+        ip_id as u8,
+        0x40,
+        0,
+        ttl,
+        1,
+        0x12,
+        0x34,
+    ]);
+    f.extend_from_slice(&[198, 18, 1, 1, 198, 18, 1, 2]);
+    f.extend_from_slice(&[8, 0, 0xbe, 0xef, 0x12, 0x34, (seq >> 8) as u8, seq as u8]);
+    f.extend_from_slice(&payload);
+    f
+}
+
+fn fp_of(frame: &[u8], garbage_after: u8) -> Option<(u64, L3)> {
+    let mut buf = frame.to_vec();
+    buf.resize(frame.len() + 64, garbage_after);
+    let mut eth = [0u8; L2_READ];
+    eth.copy_from_slice(&buf[..L2_READ]);
+    let (ethertype, off) = parse_l2(&eth)?;
+    let off = off as usize;
+    let mut ip = [0u8; L3_READ];
+    ip.copy_from_slice(&buf[off..off + L3_READ]);
+    let l3 = parse_l3(ethertype, &ip)?;
+    let l4_at = off + l3.l4_off as usize;
+    let mut l4 = [0u8; L4_READ];
+    l4.copy_from_slice(&buf[l4_at..l4_at + L4_READ]);
+    Some((fingerprint(&l3, &l4), l3))
+}
+
+#[test]
+fn a_copy_has_the_same_fingerprint_whatever_follows_the_packet() {
+    let f = icmp_frame(false, 64, 7, 100);
+    assert_eq!(fp_of(&f, 0).unwrap().0, fp_of(&f, 0xff).unwrap().0);
+}
+
+#[test]
+fn a_router_decrementing_ttl_keeps_the_fingerprint() {
+    let a = fp_of(&icmp_frame(false, 64, 7, 100), 0).unwrap().0;
+    let b = fp_of(&icmp_frame(false, 63, 7, 100), 0).unwrap().0;
+    assert_eq!(a, b);
+}
+
+#[test]
+fn vlan_tagged_and_untagged_copies_join() {
+    let (a, l3a) = fp_of(&icmp_frame(false, 64, 7, 100), 0).unwrap();
+    let (b, l3b) = fp_of(&icmp_frame(true, 64, 7, 100), 0).unwrap();
+    assert_eq!(l3a, l3b);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn different_packets_differ() {
+    let base = fp_of(&icmp_frame(false, 64, 7, 100), 0).unwrap().0;
+    assert_ne!(
+        base,
+        fp_of(&icmp_frame(false, 64, 8, 100), 0).unwrap().0,
+        "ICMP seq"
+    );
+    assert_ne!(
+        base,
+        fp_of(&icmp_frame(false, 64, 7, 101), 0).unwrap().0,
+        "IPv4 id"
+    );
+    assert_ne!(base, 0, "0 means no fingerprint");
+}
+
+#[test]
+fn ipv6_udp_ports_and_flow_label() {
+    let mut f = vec![0u8; 12];
+    f.extend_from_slice(&[0x86, 0xdd]);
+    f.extend_from_slice(&[0x60, 0x01, 0x23, 0x45, 0, 16, 17, 64]);
+    f.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb8].repeat(4));
+    f.extend_from_slice(&[0x20, 0x01, 0x0d, 0xb9].repeat(4));
+    f.extend_from_slice(&[0x30, 0x39, 0x1f, 0x90, 0, 16, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8]);
+    let (fp, l3) = fp_of(&f, 0).unwrap();
+    assert_eq!(l3.proto, IPPROTO_UDP);
+    assert_eq!(l3.ident, 0x12345);
+    let mut l4 = [0u8; L4_READ];
+    l4[..4].copy_from_slice(&[0x30, 0x39, 0x1f, 0x90]);
+    assert_eq!(ports(&l3, &l4), (12345, 8080));
+    let filter = Filter {
+        proto: IPPROTO_UDP,
+        host: l3.dst,
+        host_set: true,
+        port: 8080,
+    };
+    assert!(filter.matches(&l3, 12345, 8080));
+    assert!(!Filter { port: 53, ..filter }.matches(&l3, 12345, 8080));
+    assert!(!Filter {
+        proto: IPPROTO_TCP,
+        ..filter
+    }
+    .matches(&l3, 12345, 8080));
+    assert_ne!(fp, 0);
+}
+
+#[test]
+fn not_ip_is_not_parsed() {
+    let mut arp = icmp_frame(false, 64, 1, 1);
+    arp[12] = 0x08;
+    arp[13] = 0x06;
+    assert!(fp_of(&arp, 0).is_none());
+}
+
+#[test]
+fn sampling_is_consistent_and_near_the_rate() {
+    let mut chosen = 0;
+    for i in 0..100_000u64 {
+        let fp = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i >> 7);
+        assert_eq!(sampled(fp, 16), sampled(fp, 16));
+        chosen += sampled(fp, 16) as u32;
+    }
+    assert!((5_000..7_500).contains(&chosen), "about 1 in 16: {chosen}");
+    assert!(sampled(12345, 1));
+}

@@ -262,8 +262,9 @@ fn full_ring_drops_match_the_taps_tx_dropped() {
 fn nftables_drop_on_a_bridge_port_is_counted_exactly() {
     let lab = Lab::up(LabOptions::new()).expect("lab up");
     let n = lab.native().clone();
-    let _table = NftTable::bridge_prerouting(
-        &format!("vtrace_test_{}", lab.id()),
+    let table_name = format!("vtrace_test_{}", lab.id());
+    let table = NftTable::bridge_prerouting(
+        &table_name,
         &format!("iifname \"{}\" udp dport 7777 drop", n.sender_veth),
     );
     let tracer = start_drops(3);
@@ -279,6 +280,15 @@ fn nftables_drop_on_a_bridge_port_is_counted_exactly() {
     println!(
         "nftables: sent {sent}, NETFILTER_DROP on {}: {dropped}",
         n.sender_veth
+    );
+    drop(table);
+    let listed = Command::new("nft")
+        .args(["list", "table", "bridge", &table_name])
+        .output()
+        .expect("nft runs");
+    assert!(
+        !listed.status.success(),
+        "table {table_name} is removed by its guard"
     );
     assert_eq!(sent, 200);
     assert_eq!(dropped, 200, "NETFILTER_DROP drops on {}", n.sender_veth);

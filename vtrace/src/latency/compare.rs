@@ -161,3 +161,111 @@ fn fmt_signed(ns: f64) -> String {
         format!("+{}", fmt_ns(ns))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::latency::report::{EdgeReport, PathReport};
+
+    fn hop(hook: &str, iface: &str) -> HopRef {
+        HopRef {
+            hook: hook.into(),
+            iface: iface.into(),
+        }
+    }
+
+    fn report(hops: &[(&str, &str)], edge_means: &[f64]) -> LatencyReport {
+        let hops: Vec<HopRef> = hops.iter().map(|(h, i)| hop(h, i)).collect();
+        let edges: Vec<EdgeReport> = hops
+            .windows(2)
+            .zip(edge_means)
+            .map(|(w, m)| EdgeReport {
+                from: w[0].clone(),
+                to: w[1].clone(),
+                count: 10,
+                mean_ns: *m,
+                p50_ns: *m as u64,
+                p90_ns: *m as u64,
+                p99_ns: *m as u64,
+                p999_ns: *m as u64,
+                max_ns: *m as u64,
+            })
+            .collect();
+        let total: f64 = edge_means.iter().sum();
+        let path = PathReport {
+            hops,
+            count: 10,
+            mean_ns: total,
+            p50_ns: total as u64,
+            p90_ns: total as u64,
+            p99_ns: total as u64,
+            p999_ns: total as u64,
+            max_ns: total as u64,
+        };
+        LatencyReport {
+            duration_s: 1.0,
+            lost_events: 0,
+            edges,
+            paths: vec![path],
+            notes: vec![],
+        }
+    }
+
+    #[test]
+    fn the_difference_goes_to_the_vmm_stages() {
+        let native = report(
+            &[
+                ("net_dev_queue", "eth0@a"),
+                ("netif_receive_skb", "br-port"),
+                ("net_dev_queue", "eth0@b"),
+            ],
+            &[5e3, 10e3],
+        );
+        let vm = report(
+            &[
+                ("net_dev_queue", "eth0@a"),
+                ("net_dev_start_xmit", "tap0"),
+                ("skb_copy_datagram_iovec", "tap0"),
+                ("netif_receive_skb", "tap1"),
+                ("net_dev_queue", "eth0@b"),
+            ],
+            &[5e3, 100e3, 40e3, 10e3],
+        );
+        let c = compare(&native, &vm);
+        assert_eq!(c.a_total_ns, 15e3);
+        assert_eq!(c.b_total_ns, 155e3);
+        assert_eq!(c.stages[0].stage, "tap queue: wait for the reader");
+        assert!((c.stages[0].share - 100.0 / 140.0).abs() < 1e-9);
+        let shares: f64 = c.stages.iter().map(|s| s.share).sum();
+        assert!(
+            (shares - 1.0).abs() < 1e-9,
+            "the stages account for the whole difference"
+        );
+        assert!(c.render("native", "vm").contains("tap queue"));
+    }
+
+    #[test]
+    fn stages_by_hook_pairs() {
+        assert_eq!(
+            stage_of(
+                &hop("consume_skb", "tap0"),
+                &hop("netif_receive_skb", "tap1")
+            ),
+            "vmm: tap read -> tap write"
+        );
+        assert_eq!(
+            stage_of(
+                &hop("netif_receive_skb", "vif1.0"),
+                &hop("net_dev_queue", "eth0")
+            ),
+            "bridge/forward"
+        );
+        assert_eq!(
+            stage_of(
+                &hop("net_dev_queue", "eth0"),
+                &hop("net_dev_start_xmit", "eth0")
+            ),
+            "qdisc"
+        );
+    }
+}

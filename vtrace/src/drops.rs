@@ -270,18 +270,7 @@ pub fn run(args: &DropsArgs) -> Result<()> {
         },
     ))?;
     if let Some(r) = final_report {
-        if let Some(path) = &args.output {
-            std::fs::write(path, serde_json::to_string(&r)?)
-                .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-        }
-        if args.json {
-            println!("{}", serde_json::to_string(&r)?);
-        } else {
-            if live {
-                print!("\x1b[2J\x1b[H");
-            }
-            print!("{}", render(&r));
-        }
+        session::emit_final(&r, || render(&r), args.json, args.output.as_deref(), live)?;
     }
     Ok(())
 }

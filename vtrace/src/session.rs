@@ -130,3 +130,27 @@ pub async fn run(
     drop(tracer); // detaches every hook
     Ok(())
 }
+
+/// Prints a command's final report: the JSON object with `--json`, else the table (clearing the
+/// live screen first); with `-o FILE` the JSON also goes to the file.
+pub fn emit_final<T: serde::Serialize>(
+    report: &T,
+    table: impl FnOnce() -> String,
+    json: bool,
+    output: Option<&std::path::Path>,
+    live: bool,
+) -> Result<()> {
+    let text = serde_json::to_string(report)?;
+    if let Some(path) = output {
+        std::fs::write(path, &text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if json {
+        println!("{text}");
+    } else {
+        if live {
+            print!("\x1b[2J\x1b[H");
+        }
+        println!("{}", table());
+    }
+    Ok(())
+}

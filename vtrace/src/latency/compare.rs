@@ -57,10 +57,10 @@ pub struct Comparison {
 /// The paths that make the report's main traffic: those carrying at least a quarter of the
 /// busiest path's packets (for ping: the request and the reply path).
 fn main_paths(r: &LatencyReport) -> Vec<&super::report::PathReport> {
-    let max = r.paths.iter().map(|p| p.count).max().unwrap_or(0);
+    let max = r.paths.iter().map(|p| p.stats.count).max().unwrap_or(0);
     r.paths
         .iter()
-        .filter(|p| p.count * 4 >= max && p.hops.len() > 1)
+        .filter(|p| p.stats.count * 4 >= max && p.hops.len() > 1)
         .collect()
 }
 
@@ -69,9 +69,9 @@ pub fn stage_times(r: &LatencyReport) -> (f64, BTreeMap<&'static str, f64>) {
     let mut stages = BTreeMap::new();
     let mut total = 0.0;
     for p in main_paths(r) {
-        total += p.mean_ns;
+        total += p.stats.mean_ns;
         for e in p.edges(&r.edges).into_iter().flatten() {
-            *stages.entry(stage_of(&e.from, &e.to)).or_insert(0.0) += e.mean_ns;
+            *stages.entry(stage_of(&e.from, &e.to)).or_insert(0.0) += e.stats.mean_ns;
         }
     }
     (total, stages)
@@ -165,12 +165,25 @@ fn fmt_signed(ns: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::latency::report::{EdgeReport, PathReport};
+    use crate::latency::report::{EdgeReport, PathReport, Summary};
 
     fn hop(hook: &str, iface: &str) -> HopRef {
         HopRef {
             hook: hook.into(),
             iface: iface.into(),
+        }
+    }
+
+    /// Ten packets that all took `ns`.
+    fn flat(ns: f64) -> Summary {
+        Summary {
+            count: 10,
+            mean_ns: ns,
+            p50_ns: ns as u64,
+            p90_ns: ns as u64,
+            p99_ns: ns as u64,
+            p999_ns: ns as u64,
+            max_ns: ns as u64,
         }
     }
 
@@ -182,25 +195,13 @@ mod tests {
             .map(|(w, m)| EdgeReport {
                 from: w[0].clone(),
                 to: w[1].clone(),
-                count: 10,
-                mean_ns: *m,
-                p50_ns: *m as u64,
-                p90_ns: *m as u64,
-                p99_ns: *m as u64,
-                p999_ns: *m as u64,
-                max_ns: *m as u64,
+                stats: flat(*m),
             })
             .collect();
         let total: f64 = edge_means.iter().sum();
         let path = PathReport {
             hops,
-            count: 10,
-            mean_ns: total,
-            p50_ns: total as u64,
-            p90_ns: total as u64,
-            p99_ns: total as u64,
-            p999_ns: total as u64,
-            max_ns: total as u64,
+            stats: flat(total),
         };
         LatencyReport {
             duration_s: 1.0,

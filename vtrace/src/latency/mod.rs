@@ -85,18 +85,13 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
         },
     ))?;
     if let Some(report) = final_report {
-        if let Some(path) = &args.output {
-            std::fs::write(path, serde_json::to_string(&report)?)
-                .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
-        }
-        if args.json {
-            println!("{}", serde_json::to_string(&report)?);
-        } else {
-            if live {
-                print!("\x1b[2J\x1b[H");
-            }
-            println!("{}", report.render(args.top));
-        }
+        session::emit_final(
+            &report,
+            || report.render(args.top),
+            args.json,
+            args.output.as_deref(),
+            live,
+        )?;
     }
     Ok(())
 }

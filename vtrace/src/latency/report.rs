@@ -58,31 +58,29 @@ impl Aggregate {
             .map(|((from, to), h)| EdgeReport {
                 from: HopRef::of(from),
                 to: HopRef::of(to),
-                count: h.len(),
-                mean_ns: h.mean(),
-                p50_ns: h.value_at_quantile(0.5),
-                p90_ns: h.value_at_quantile(0.9),
-                p99_ns: h.value_at_quantile(0.99),
-                p999_ns: h.value_at_quantile(0.999),
-                max_ns: h.max(),
+                stats: Summary::of(h),
             })
             .collect();
-        edges.sort_by(|a, b| b.count.cmp(&a.count).then(b.mean_ns.total_cmp(&a.mean_ns)));
+        edges.sort_by(|a, b| {
+            b.stats
+                .count
+                .cmp(&a.stats.count)
+                .then(b.stats.mean_ns.total_cmp(&a.stats.mean_ns))
+        });
         let mut paths: Vec<PathReport> = self
             .paths
             .iter()
             .map(|(hops, h)| PathReport {
                 hops: hops.iter().map(HopRef::of).collect(),
-                count: h.len(),
-                mean_ns: h.mean(),
-                p50_ns: h.value_at_quantile(0.5),
-                p90_ns: h.value_at_quantile(0.9),
-                p99_ns: h.value_at_quantile(0.99),
-                p999_ns: h.value_at_quantile(0.999),
-                max_ns: h.max(),
+                stats: Summary::of(h),
             })
             .collect();
-        paths.sort_by(|a, b| b.count.cmp(&a.count).then(b.hops.len().cmp(&a.hops.len())));
+        paths.sort_by(|a, b| {
+            b.stats
+                .count
+                .cmp(&a.stats.count)
+                .then(b.hops.len().cmp(&a.hops.len()))
+        });
         LatencyReport {
             duration_s,
             lost_events,
@@ -115,10 +113,9 @@ impl std::fmt::Display for HopRef {
     }
 }
 
+/// Count, mean and quantiles of one histogram, in nanoseconds.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct EdgeReport {
-    pub from: HopRef,
-    pub to: HopRef,
+pub struct Summary {
     pub count: u64,
     pub mean_ns: f64,
     pub p50_ns: u64,
@@ -128,16 +125,36 @@ pub struct EdgeReport {
     pub max_ns: u64,
 }
 
+impl Summary {
+    pub fn of(h: &Histogram<u64>) -> Summary {
+        Summary {
+            count: h.len(),
+            mean_ns: h.mean(),
+            p50_ns: h.value_at_quantile(0.5),
+            p90_ns: h.value_at_quantile(0.9),
+            p99_ns: h.value_at_quantile(0.99),
+            p999_ns: h.value_at_quantile(0.999),
+            max_ns: h.max(),
+        }
+    }
+}
+
+/// The time between two consecutive hops. The summary's fields sit beside `from` and `to` in
+/// JSON (the `--json` contract).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EdgeReport {
+    pub from: HopRef,
+    pub to: HopRef,
+    #[serde(flatten)]
+    pub stats: Summary,
+}
+
+/// A packet's whole path through the host.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PathReport {
     pub hops: Vec<HopRef>,
-    pub count: u64,
-    pub mean_ns: f64,
-    pub p50_ns: u64,
-    pub p90_ns: u64,
-    pub p99_ns: u64,
-    pub p999_ns: u64,
-    pub max_ns: u64,
+    #[serde(flatten)]
+    pub stats: Summary,
 }
 
 impl PathReport {
@@ -155,9 +172,9 @@ impl PathReport {
             .edges(edges)
             .into_iter()
             .flatten()
-            .max_by(|a, b| a.mean_ns.total_cmp(&b.mean_ns))?;
-        let share = if self.mean_ns > 0.0 {
-            best.mean_ns / self.mean_ns
+            .max_by(|a, b| a.stats.mean_ns.total_cmp(&b.stats.mean_ns))?;
+        let share = if self.stats.mean_ns > 0.0 {
+            best.stats.mean_ns / self.stats.mean_ns
         } else {
             0.0
         };
@@ -213,13 +230,13 @@ impl LatencyReport {
                 s,
                 "\npath {} ({} packets): mean {}  p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
                 i + 1,
-                p.count,
-                fmt_ns(p.mean_ns),
-                fmt_ns(p.p50_ns as f64),
-                fmt_ns(p.p90_ns as f64),
-                fmt_ns(p.p99_ns as f64),
-                fmt_ns(p.p999_ns as f64),
-                fmt_ns(p.max_ns as f64)
+                p.stats.count,
+                fmt_ns(p.stats.mean_ns),
+                fmt_ns(p.stats.p50_ns as f64),
+                fmt_ns(p.stats.p90_ns as f64),
+                fmt_ns(p.stats.p99_ns as f64),
+                fmt_ns(p.stats.p999_ns as f64),
+                fmt_ns(p.stats.max_ns as f64)
             );
             let _ = writeln!(
                 s,
@@ -230,8 +247,8 @@ impl LatencyReport {
                 let (from, to) = (w[0].to_string(), w[1].to_string());
                 match e {
                     Some(e) => {
-                        let share = if p.mean_ns > 0.0 {
-                            100.0 * e.mean_ns / p.mean_ns
+                        let share = if p.stats.mean_ns > 0.0 {
+                            100.0 * e.stats.mean_ns / p.stats.mean_ns
                         } else {
                             0.0
                         };
@@ -240,11 +257,11 @@ impl LatencyReport {
                             "  {:<34} {:<34} {:>8} {:>9} {:>9} {:>9} {:>9} {:>5.0}%",
                             trunc(&from, 34),
                             trunc(&to, 34),
-                            e.count,
-                            fmt_ns(e.mean_ns),
-                            fmt_ns(e.p50_ns as f64),
-                            fmt_ns(e.p99_ns as f64),
-                            fmt_ns(e.max_ns as f64),
+                            e.stats.count,
+                            fmt_ns(e.stats.mean_ns),
+                            fmt_ns(e.stats.p50_ns as f64),
+                            fmt_ns(e.stats.p99_ns as f64),
+                            fmt_ns(e.stats.max_ns as f64),
                             share
                         );
                     }
@@ -259,8 +276,8 @@ impl LatencyReport {
                     "  => most of this path's time is spent between {} and {}: {} of {} ({:.0}%)",
                     e.from,
                     e.to,
-                    fmt_ns(e.mean_ns),
-                    fmt_ns(p.mean_ns),
+                    fmt_ns(e.stats.mean_ns),
+                    fmt_ns(p.stats.mean_ns),
                     100.0 * share
                 );
             }

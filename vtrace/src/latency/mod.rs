@@ -7,18 +7,89 @@ pub mod report;
 use std::{cell::RefCell, io::IsTerminal, time::Duration};
 
 use anyhow::Result;
-use vtrace_common::{flags, Counter, Hook};
+use vtrace_common::{flags, Counter, Hook, HopEvent};
 
 use crate::{
     cli::{FilterArgs, LatencyArgs},
     session::{self, IfaceNamer, Timing},
-    tracer::TracerOptions,
+    tracer::{Counters, TracerOptions},
 };
 use join::{HopIn, Joiner};
-use report::Aggregate;
+use report::{Aggregate, LatencyReport};
 
 /// The hooks `latency` attaches: the stable tracepoint tier.
 pub const HOOKS: [Hook; 10] = Hook::ALL;
+
+/// Hop events in, latency report out: names devices, joins hops into paths, aggregates.
+/// Shared by `latency` (live), `serve` (exporter) and `report` (offline, from a record file).
+pub struct Pipeline {
+    joiner: Joiner,
+    agg: Aggregate,
+    namer: IfaceNamer,
+}
+
+impl Pipeline {
+    /// `window_ms`: how long after its last hop a packet may still be joined by a copy.
+    pub fn new(window_ms: f64) -> Pipeline {
+        Pipeline {
+            joiner: Joiner::new((window_ms * 1e6) as u64),
+            agg: Aggregate::new(),
+            namer: IfaceNamer::new(),
+        }
+    }
+
+    /// One hop event from the kernel (or a record file).
+    pub fn push(&mut self, ev: &HopEvent) {
+        let Some(hook) = Hook::from_u32(ev.hook) else {
+            return;
+        };
+        let iface = match hook {
+            Hook::SkbCopyDatagramIovec | Hook::ConsumeSkb => None,
+            Hook::KfreeSkb if ev.ifindex == 0 => None,
+            _ => Some(self.namer.name(&ev.ifname, ev.netns)),
+        };
+        self.push_named(HopIn {
+            ts: ev.ts_ns,
+            skb: ev.skb,
+            fingerprint: ev.fingerprint,
+            hook,
+            iface,
+        });
+    }
+
+    /// One hop whose device is already named (record files carry names).
+    pub fn push_named(&mut self, hop: HopIn) {
+        self.joiner.push(hop);
+        for obs in self.joiner.drain() {
+            self.agg.add(obs);
+        }
+    }
+
+    /// Finalizes the packets whose join window has passed (all of them with `last`) and
+    /// returns the report so far, with notes on anything lost.
+    pub fn report(&mut self, elapsed_s: f64, counters: &Counters, last: bool) -> LatencyReport {
+        self.joiner.flush(last);
+        for obs in self.joiner.drain() {
+            self.agg.add(obs);
+        }
+        let mut report = self
+            .agg
+            .report(elapsed_s, counters.get(Counter::LostEvents));
+        let failed = counters.get(Counter::TrackInsertFailed);
+        if failed > 0 {
+            report.notes.push(format!(
+                "{failed} sampled packets could not be tracked (tracking map full)"
+            ));
+        }
+        if report.lost_events > 0 {
+            report.notes.push(format!(
+                "{} hop events were lost (ring buffer full): sample fewer packets (--sample N) or grow --ring-kib",
+                report.lost_events
+            ));
+        }
+        report
+    }
+}
 
 pub fn run(args: &LatencyArgs) -> Result<()> {
     let config = args.filter.config(flags::TRACK, args.sample)?;
@@ -31,10 +102,8 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
         duration: args.duration.map(Duration::from_secs_f64),
         interval: Duration::from_secs_f64(args.interval),
     };
-    // Both callbacks of the session feed the same joiner and histograms.
-    let joiner = RefCell::new(Joiner::new((args.window_ms * 1e6) as u64));
-    let agg = RefCell::new(Aggregate::new());
-    let mut namer = IfaceNamer::new();
+    // Both callbacks of the session feed the same pipeline.
+    let pipeline = RefCell::new(Pipeline::new(args.window_ms));
     let mut final_report = None;
     let live = !args.json && std::io::stdout().is_terminal();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -43,37 +112,12 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
     rt.block_on(session::run(
         opts,
         timing,
-        |ev| {
-            let Some(hook) = Hook::from_u32(ev.hook) else { return };
-            let iface = match hook {
-                Hook::SkbCopyDatagramIovec | Hook::ConsumeSkb => None,
-                Hook::KfreeSkb if ev.ifindex == 0 => None,
-                _ => Some(namer.name(&ev.ifname, ev.netns)),
-            };
-            let (mut joiner, mut agg) = (joiner.borrow_mut(), agg.borrow_mut());
-            joiner.push(HopIn { ts: ev.ts_ns, skb: ev.skb, fingerprint: ev.fingerprint, hook, iface });
-            for obs in joiner.drain() {
-                agg.add(obs);
-            }
-        },
+        |ev| pipeline.borrow_mut().push(ev),
         |tracer, elapsed, last| {
-            let (mut joiner, mut agg) = (joiner.borrow_mut(), agg.borrow_mut());
-            joiner.flush(last);
-            for obs in joiner.drain() {
-                agg.add(obs);
-            }
-            let counters = tracer.counters()?;
-            let mut report = agg.report(elapsed.as_secs_f64(), counters.get(Counter::LostEvents));
-            let failed = counters.get(Counter::TrackInsertFailed);
-            if failed > 0 {
-                report.notes.push(format!("{failed} sampled packets could not be tracked (tracking map full)"));
-            }
-            if report.lost_events > 0 {
-                report.notes.push(format!(
-                    "{} hop events were lost (ring buffer full): sample fewer packets (--sample N) or grow --ring-kib",
-                    report.lost_events
-                ));
-            }
+            let report =
+                pipeline
+                    .borrow_mut()
+                    .report(elapsed.as_secs_f64(), &tracer.counters()?, last);
             if last {
                 final_report = Some(report);
             } else if live {

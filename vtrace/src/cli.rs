@@ -39,6 +39,26 @@ pub enum Command {
     /// Where packets are dropped: per device, reason and kernel location, next to the kernel's
     /// own drop counters.
     Drops(DropsArgs),
+    /// Run as a long-lived exporter of Prometheus metrics (per-edge latency histograms, drops
+    /// by device and reason, lost events, vtrace's own cost) for a Prometheus server to scrape.
+    // Hidden until it lands (work in progress).
+    #[command(hide = true)]
+    Serve(ServeArgs),
+    /// Record hop events and drops to a versioned file, for offline reports (`vtrace report`).
+    // Hidden until it lands (work in progress).
+    #[command(hide = true)]
+    Record(RecordArgs),
+    /// The latency and drops reports from a file written by `vtrace record`.
+    // Hidden until it lands (work in progress).
+    #[command(hide = true)]
+    Report(ReportArgs),
+    /// Empty programs at every latency hook, for measuring vtrace's per-hook cost against a
+    /// floor in the same run (used by `cargo xtask bench`).
+    #[command(hide = true)]
+    Baseline {
+        #[arg(long, short = 'd', default_value = "10", value_parser = parse_seconds)]
+        duration: f64,
+    },
     /// Compare two `vtrace latency --json` reports (e.g. native vs virtual router) stage by stage.
     Compare {
         /// The baseline report (e.g. the native path).
@@ -102,6 +122,10 @@ pub struct LatencyArgs {
     /// Paths shown in the table.
     #[arg(long, default_value = "4")]
     pub top: usize,
+    /// Also measure vtrace's own cost: run count and ns per run of each hook (turns on the
+    /// kernel's BPF statistics for the run, which adds a little to every run).
+    #[arg(long)]
+    pub cost: bool,
     /// Print one JSON object at the end instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -129,6 +153,60 @@ pub struct DropsArgs {
     /// Also write the final JSON report to this file (the table still goes to stdout).
     #[arg(long, short = 'o')]
     pub output: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address to serve /metrics on (e.g. 127.0.0.1:9464, or [::]:9464 for a fleet).
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub listen: std::net::SocketAddr,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Time 1 packet in N (counts stay exact: every packet is counted in the kernel).
+    #[arg(long, default_value = "16", value_parser = clap::value_parser!(u32).range(1..))]
+    pub sample: u32,
+    /// How long after its last hop a packet may still be joined by a copy, in ms.
+    #[arg(long, default_value = "1000", value_parser = parse_positive)]
+    pub window_ms: f64,
+    /// Size of the kernel-to-user event ring buffer, in KiB (a power of two, at least 4).
+    #[arg(long, default_value = "4096", value_parser = parse_ring_kib)]
+    pub ring_kib: u32,
+    /// Stop after this many seconds (default: run until SIGINT/SIGTERM).
+    #[arg(long, short = 'd', value_parser = parse_seconds)]
+    pub duration: Option<f64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct RecordArgs {
+    /// The file to write.
+    #[arg(long, short = 'o')]
+    pub output: PathBuf,
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Time 1 packet in N.
+    #[arg(long, default_value = "1", value_parser = clap::value_parser!(u32).range(1..))]
+    pub sample: u32,
+    /// Size of the kernel-to-user event ring buffer, in KiB (a power of two, at least 4).
+    #[arg(long, default_value = "4096", value_parser = parse_ring_kib)]
+    pub ring_kib: u32,
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long, short = 'd', value_parser = parse_seconds)]
+    pub duration: Option<f64>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ReportArgs {
+    /// A file written by `vtrace record`.
+    pub file: PathBuf,
+    /// How long after its last hop a packet may still be joined by a copy, in ms.
+    #[arg(long, default_value = "1000", value_parser = parse_positive)]
+    pub window_ms: f64,
+    /// Paths shown in the table.
+    #[arg(long, default_value = "4")]
+    pub top: usize,
+    /// One JSON object ({"latency": ..., "drops": ...}) instead of the tables.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

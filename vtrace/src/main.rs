@@ -3,13 +3,17 @@
 //! Layout: `cli` (the command line), `kernel/` (BTF, kallsyms, device counters, privileges),
 //! `tracer` (load and attach the eBPF programs of vtrace-ebpf), `session` (run, read events,
 //! stop cleanly), `hooks` (the catalog), `latency/` (join hops into paths, histograms, reports),
-//! `drops` (drop points per device).
+//! `drops` (drop points per device), `serve` (Prometheus exporter), `record` (record files and
+//! offline reports).
 
 mod cli;
+mod cost;
 mod drops;
 mod hooks;
 mod kernel;
 mod latency;
+mod record;
+mod serve;
 mod session;
 mod tracer;
 
@@ -73,6 +77,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Drops(args) => {
             kernel::privileges::require()?;
             drops::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve(args) => {
+            kernel::privileges::require()?;
+            serve::run(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Record(args) => {
+            kernel::privileges::require()?;
+            record::record(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report(args) => {
+            record::report(&args)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Baseline { duration } => {
+            kernel::privileges::require()?;
+            let costs = cost::baseline(std::time::Duration::from_secs_f64(duration))?;
+            println!("{}", serde_json::to_string(&costs)?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Compare { a, b, json } => {

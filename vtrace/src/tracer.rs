@@ -144,6 +144,30 @@ impl Tracer {
         Ok(RingBuf::try_from(map)?)
     }
 
+    /// Run count and run time of every attached program (non-zero only while BPF statistics
+    /// are enabled, see `cost::enable_stats`).
+    pub fn program_costs(&self) -> Result<Vec<crate::cost::ProgramCost>> {
+        let mut out = Vec::new();
+        for (hook, how) in &self.attached {
+            let name = match how {
+                Attachment::TpBtf => program_name(*hook).to_string(),
+                Attachment::RawTracepoint => format!("{}_raw", program_name(*hook)),
+            };
+            let info = self
+                .ebpf
+                .program(&name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .info()?;
+            out.push(crate::cost::ProgramCost::new(
+                *hook,
+                &name,
+                info.run_count(),
+                info.run_time().as_nanos() as u64,
+            ));
+        }
+        Ok(out)
+    }
+
     /// Sums of the per-CPU counters.
     pub fn counters(&self) -> Result<Counters> {
         let map = self

@@ -18,15 +18,7 @@ use vtrace_lab::{flood, ping, FloodOptions, Lab, LabOptions, VmmOptions};
 pub fn run(seconds: u64) -> Result<()> {
     crate::require_root("the demo builds network namespaces and loads eBPF programs")?;
     let root = workspace_root();
-    step("building vtrace (release)");
-    let st = Command::new(crate::cargo())
-        .args(["build", "--release", "-p", "vtrace"])
-        .current_dir(&root)
-        .status()?;
-    if !st.success() {
-        bail!("cargo build failed");
-    }
-    let vtrace = root.join("target/release/vtrace");
+    let vtrace = build_vtrace()?;
     let out_dir = root.join("target/demo");
     std::fs::create_dir_all(&out_dir)?;
 
@@ -145,11 +137,25 @@ pub fn run(seconds: u64) -> Result<()> {
     Ok(())
 }
 
-fn step(what: &str) {
+/// Builds the release vtrace binary and returns its path.
+pub(crate) fn build_vtrace() -> Result<PathBuf> {
+    step("building vtrace (release)");
+    let root = workspace_root();
+    let st = Command::new(crate::cargo())
+        .args(["build", "--release", "-p", "vtrace"])
+        .current_dir(&root)
+        .status()?;
+    if !st.success() {
+        bail!("cargo build failed");
+    }
+    Ok(root.join("target/release/vtrace"))
+}
+
+pub(crate) fn step(what: &str) {
     println!("\n==> {what}");
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
@@ -157,7 +163,7 @@ fn workspace_root() -> PathBuf {
 }
 
 /// Starts vtrace and waits until it says its hooks are attached.
-fn start_vtrace(bin: &Path, args: &[&str]) -> Result<Child> {
+pub(crate) fn start_vtrace(bin: &Path, args: &[&str]) -> Result<Child> {
     let mut child = Command::new(bin)
         .args(args)
         .stdout(Stdio::piped())
@@ -188,7 +194,7 @@ fn start_vtrace(bin: &Path, args: &[&str]) -> Result<Child> {
     Ok(child)
 }
 
-fn finish(child: Child) -> Result<String> {
+pub(crate) fn finish(child: Child) -> Result<String> {
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!("vtrace failed");

@@ -2,6 +2,7 @@
 //! suite, privileged), `demo` (the lab, traffic, vtrace's findings), `clean` (lab leftovers).
 //! Run as `cargo xtask <job>`.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -33,6 +34,16 @@ enum Job {
         #[arg(long, default_value = "5")]
         seconds: u64,
     },
+    /// Measure vtrace's cost on the lab: 64-byte pps with and without vtrace (alternating
+    /// pairs), ns per hook invocation, user-space CPU and memory, lost events.
+    Bench {
+        /// Off/on pairs per path (the median ratio is reported).
+        #[arg(long, default_value = "5")]
+        pairs: usize,
+        /// Seconds of flood per measurement.
+        #[arg(long, default_value = "3")]
+        seconds: u64,
+    },
     /// Remove namespaces and devices left by lab runs that died.
     Clean,
 }
@@ -43,6 +54,7 @@ fn main() -> ExitCode {
         Job::Setup => setup::run(),
         Job::Test { args } => test(&args),
         Job::Demo { seconds } => setup::run().and_then(|_| demo::run(seconds)),
+        Job::Bench { pairs, seconds } => setup::run().and_then(|_| bench::run(pairs, seconds)),
         Job::Clean => clean(),
     };
     match r {

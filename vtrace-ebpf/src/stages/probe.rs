@@ -28,3 +28,11 @@ pub fn vt_probe_tc(_ctx: aya_ebpf::programs::TcContext) -> i32 {
 pub fn vt_probe_xdp(_ctx: aya_ebpf::programs::XdpContext) -> u32 {
     2 // XDP_PASS
 }
+
+/// An empty program at a tracepoint chosen at load time: `vtrace baseline` attaches one per hook
+/// so that a hook's cost can be reported as the difference from doing nothing at the same hook
+/// (bpf_stats adds its own clock reads to every run, a floor both share).
+#[aya_ebpf::macros::btf_tracepoint]
+pub fn vt_empty(_ctx: aya_ebpf::programs::BtfTracePointContext) -> i32 {
+    0
+}

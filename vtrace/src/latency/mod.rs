@@ -65,6 +65,11 @@ impl Pipeline {
         }
     }
 
+    /// The histograms so far (`report` first folds in the packets whose window has passed).
+    pub fn aggregate(&self) -> &Aggregate {
+        &self.agg
+    }
+
     /// Finalizes the packets whose join window has passed (all of them with `last`) and
     /// returns the report so far, with notes on anything lost.
     pub fn report(&mut self, elapsed_s: f64, counters: &Counters, last: bool) -> LatencyReport {
@@ -102,6 +107,11 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
         duration: args.duration.map(Duration::from_secs_f64),
         interval: Duration::from_secs_f64(args.interval),
     };
+    let _stats = if args.cost {
+        Some(crate::cost::enable_stats()?)
+    } else {
+        None
+    };
     // Both callbacks of the session feed the same pipeline.
     let pipeline = RefCell::new(Pipeline::new(args.window_ms));
     let mut final_report = None;
@@ -114,10 +124,13 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
         timing,
         |ev| pipeline.borrow_mut().push(ev),
         |tracer, elapsed, last| {
-            let report =
+            let mut report =
                 pipeline
                     .borrow_mut()
                     .report(elapsed.as_secs_f64(), &tracer.counters()?, last);
+            if args.cost {
+                report.cost = tracer.program_costs()?;
+            }
             if last {
                 final_report = Some(report);
             } else if live {

@@ -50,6 +50,11 @@ impl Aggregate {
         }
     }
 
+    /// Every edge's histogram (nanoseconds, cumulative since the start), for the exporter.
+    pub fn edge_histograms(&self) -> impl Iterator<Item = (&Point, &Point, &Histogram<u64>)> {
+        self.edges.iter().map(|((from, to), h)| (from, to, h))
+    }
+
     /// The report, edges and paths sorted by count (busiest first).
     pub fn report(&self, duration_s: f64, lost_events: u64) -> LatencyReport {
         let mut edges: Vec<EdgeReport> = self
@@ -87,6 +92,7 @@ impl Aggregate {
             edges,
             paths,
             notes: Vec::new(),
+            cost: Vec::new(),
         }
     }
 }
@@ -192,6 +198,9 @@ pub struct LatencyReport {
     pub paths: Vec<PathReport>,
     #[serde(default)]
     pub notes: Vec<String>,
+    /// vtrace's own cost per hook, with `--cost`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cost: Vec<crate::cost::ProgramCost>,
 }
 
 pub fn fmt_ns(ns: f64) -> String {
@@ -281,6 +290,13 @@ impl LatencyReport {
                     100.0 * share
                 );
             }
+        }
+        if !self.cost.is_empty() {
+            let _ = write!(
+                s,
+                "\nvtrace's own cost in the kernel:\n{}",
+                crate::cost::render(&self.cost)
+            );
         }
         for n in &self.notes {
             let _ = writeln!(s, "note: {n}");

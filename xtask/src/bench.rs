@@ -1,0 +1,264 @@
+//! `cargo xtask bench`: what attaching vtrace costs, measured side by side in one run on the lab.
+//!
+//! - 64-byte UDP packets per second received across the native and the virtual path, without
+//!   and with vtrace (`latency` + `drops`, their default hooks), in alternating off/on pairs;
+//!   the median of the per-pair ratios is reported.
+//! - ns per hook invocation from the kernel's BPF statistics (`vtrace latency --cost`), next to
+//!   an empty program at the same hook in the same run (`vtrace baseline`): the difference is
+//!   vtrace's own cost.
+//! - vtrace's user-space CPU (share of one core) and peak memory, and its lost events.
+//! - The same pps ratio for an equivalent bpftrace script, when bpftrace is installed.
+//!
+//! Figures, not assertions: this machine is noisy, so targets are read from the table.
+
+use std::{
+    net::SocketAddrV4,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+use vtrace_lab::{flood, FloodOptions, Lab, LabOptions};
+
+use crate::demo::{build_vtrace, finish, start_vtrace, step};
+
+/// Sampling used for the "on" runs: what `vtrace serve` runs with by default.
+const SAMPLE: &str = "16";
+
+struct PathRuns {
+    name: &'static str,
+    off: Vec<f64>,
+    on: Vec<f64>,
+    cpu: Vec<f64>,
+    rss_kib: u64,
+    lost: u64,
+}
+
+pub fn run(pairs: usize, seconds: u64) -> Result<()> {
+    crate::require_root("the bench builds network namespaces and loads eBPF programs")?;
+    let vtrace = build_vtrace()?;
+    step("bringing up the lab");
+    let lab = Lab::up(LabOptions::new())?;
+    let (n, v) = (lab.native().clone(), lab.virt().clone());
+    let dur = Duration::from_secs(seconds);
+    let mut results = Vec::new();
+    for (name, sender, receiver, dst) in [
+        ("native", &n.sender_ns, &n.receiver_ns, n.receiver_ip),
+        ("virtual", &v.sender_ns, &v.receiver_ns, v.receiver_ip),
+    ] {
+        let opts = FloodOptions {
+            duration: dur,
+            ..FloodOptions::new(
+                sender.clone(),
+                receiver.clone(),
+                SocketAddrV4::new(dst, 9000),
+            )
+        };
+        let mut r = PathRuns {
+            name,
+            off: vec![],
+            on: vec![],
+            cpu: vec![],
+            rss_kib: 0,
+            lost: 0,
+        };
+        for i in 0..pairs {
+            step(&format!("{name} path: pair {}/{pairs}", i + 1));
+            let off = flood(opts.clone())?;
+            let secs = (seconds + 2).to_string();
+            let lat = start_vtrace(
+                &vtrace,
+                &[
+                    "latency",
+                    "--json",
+                    "--sample",
+                    SAMPLE,
+                    "-d",
+                    &secs,
+                    "--interval",
+                    "3600",
+                ],
+            )?;
+            let drops = start_vtrace(
+                &vtrace,
+                &["drops", "--json", "-d", &secs, "--interval", "3600"],
+            )?;
+            let cpu0 = cpu_ticks(&lat) + cpu_ticks(&drops);
+            let t0 = std::time::Instant::now();
+            let on = flood(opts.clone())?;
+            let cpu = (cpu_ticks(&lat) + cpu_ticks(&drops) - cpu0) as f64
+                / ticks_per_sec()
+                / t0.elapsed().as_secs_f64();
+            r.rss_kib = r.rss_kib.max(peak_rss_kib(&lat) + peak_rss_kib(&drops));
+            let report: Value =
+                serde_json::from_str(&finish(lat)?).context("vtrace latency JSON")?;
+            let _ = finish(drops)?;
+            r.lost += report["lost_events"].as_u64().unwrap_or(0);
+            println!(
+                "  off {:>9.0} pps   on {:>9.0} pps   ratio {:.3}   vtrace CPU {:.1}% of a core",
+                off.received_pps,
+                on.received_pps,
+                on.received_pps / off.received_pps.max(1.0),
+                100.0 * cpu
+            );
+            r.off.push(off.received_pps);
+            r.on.push(on.received_pps);
+            r.cpu.push(cpu);
+        }
+        results.push(r);
+    }
+
+    step("ns per hook invocation: vtrace vs an empty program at the same hook, same run");
+    let secs = (seconds + 2).to_string();
+    let base = start_vtrace(&vtrace, &["baseline", "-d", &secs])?;
+    let lat = start_vtrace(
+        &vtrace,
+        &[
+            "latency",
+            "--json",
+            "--cost",
+            "--sample",
+            SAMPLE,
+            "-d",
+            &secs,
+            "--interval",
+            "3600",
+        ],
+    )?;
+    flood(FloodOptions {
+        duration: dur,
+        ..FloodOptions::new(
+            v.sender_ns.clone(),
+            v.receiver_ns.clone(),
+            SocketAddrV4::new(v.receiver_ip, 9000),
+        )
+    })?;
+    let report: Value = serde_json::from_str(&finish(lat)?)?;
+    let empty: Value = serde_json::from_str(&finish(base)?)?;
+    let bpftrace = bpftrace_ratio(&v, dur)?;
+    drop(lab);
+
+    println!(
+        "\n{:<10} {:>12} {:>12} {:>8} {:>10} {:>10} {:>12}",
+        "path", "pps off", "pps on", "ratio", "user CPU", "peak RSS", "lost events"
+    );
+    for r in &results {
+        let ratios: Vec<f64> =
+            r.on.iter()
+                .zip(&r.off)
+                .map(|(a, b)| a / b.max(1.0))
+                .collect();
+        println!(
+            "{:<10} {:>12.0} {:>12.0} {:>8.3} {:>9.1}% {:>8}KiB {:>12}",
+            r.name,
+            median(&r.off),
+            median(&r.on),
+            median(&ratios),
+            100.0 * median(&r.cpu),
+            r.rss_kib,
+            r.lost
+        );
+    }
+    println!("(pps: median of {pairs} alternating off/on pairs of {seconds} s; ratio: median of the per-pair ratios; target >= 0.95)");
+    println!(
+        "\n{:<26} {:>12} {:>12} {:>12} {:>12}",
+        "hook", "runs", "vtrace ns", "empty ns", "cost ns"
+    );
+    for c in report["cost"].as_array().into_iter().flatten() {
+        let hook = c["hook"].as_str().unwrap_or("");
+        let e = empty
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["hook"] == hook);
+        let (ns, ens) = (
+            c["ns_per_run"].as_f64().unwrap_or(0.0),
+            e.and_then(|e| e["ns_per_run"].as_f64()).unwrap_or(0.0),
+        );
+        println!(
+            "{:<26} {:>12} {:>12.1} {:>12.1} {:>12.1}",
+            hook,
+            c["runs"],
+            ns,
+            ens,
+            ns - ens
+        );
+    }
+    println!("(targets: <= 30 ns for a hop that only counts, <= 150 ns for a sampled hop; sample 1 in {SAMPLE})");
+    match bpftrace {
+        Some(ratio) => {
+            println!("\nbpftrace on 4 of the same tracepoints: pps ratio {ratio:.3} (virtual path)")
+        }
+        None => println!("\nbpftrace is not installed: its reference ratio was not measured"),
+    }
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// utime + stime of a process, in clock ticks (/proc/PID/stat fields 14 and 15).
+fn cpu_ticks(child: &Child) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
+    // The command name may hold spaces: count fields after its closing parenthesis.
+    let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+fn ticks_per_sec() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
+fn peak_rss_kib(child: &Child) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The reference: a naive bpftrace script on four of the same tracepoints, when installed.
+fn bpftrace_ratio(v: &vtrace_lab::VirtualPath, dur: Duration) -> Result<Option<f64>> {
+    if !Path::new("/usr/bin/bpftrace").exists() && !Path::new("/usr/sbin/bpftrace").exists() {
+        return Ok(None);
+    }
+    let opts = FloodOptions {
+        duration: dur,
+        ..FloodOptions::new(
+            v.sender_ns.clone(),
+            v.receiver_ns.clone(),
+            SocketAddrV4::new(v.receiver_ip, 9000),
+        )
+    };
+    let off = flood(opts.clone())?;
+    let script = "tracepoint:net:netif_receive_skb,tracepoint:net:net_dev_queue,tracepoint:net:net_dev_xmit,tracepoint:skb:consume_skb { @[probe] = count(); @t[args.skbaddr] = nsecs; }";
+    let mut bt = Command::new("bpftrace")
+        .args(["-e", script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting bpftrace")?;
+    std::thread::sleep(Duration::from_secs(3));
+    let on = flood(opts)?;
+    let _ = bt.kill();
+    let _ = bt.wait();
+    Ok(Some(on.received_pps / off.received_pps.max(1.0)))
+}

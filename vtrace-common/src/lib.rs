@@ -208,6 +208,16 @@ pub struct HopEvent {
     /// `skb->len`.
     pub len: u32,
     pub ifname: [u8; IFNAMSIZ],
+    /// `hop_flags` bits.
+    pub flags: u32,
+    pub _pad: u32,
+}
+
+/// `HopEvent::flags` bits.
+pub mod hop_flags {
+    /// The kernel started tracking this skb at this hop: a new skb (or a reused address with
+    /// new content), so userspace starts a new segment here.
+    pub const FIRST: u32 = 1 << 0;
 }
 
 /// Key of the in-kernel drop aggregation: one row per device, reason and location.
@@ -224,7 +234,7 @@ pub struct DropKey {
 
 const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 40);
 const _: () = assert!(core::mem::size_of::<Config>() == 40 + 20 + 16 + 16 * MAX_IFACE_FILTERS);
-const _: () = assert!(core::mem::size_of::<HopEvent>() == 72);
+const _: () = assert!(core::mem::size_of::<HopEvent>() == 80);
 const _: () = assert!(core::mem::size_of::<DropKey>() == 40);
 
 #[cfg(feature = "user")]

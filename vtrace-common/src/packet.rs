@@ -131,34 +131,35 @@ pub fn ports(l3: &L3, l4: &[u8; L4_READ]) -> (u16, u16) {
 /// The content fingerprint of a packet; never 0 (0 means "no fingerprint").
 ///
 /// `l4` holds what was read at the transport header; only bytes within the packet (`l4_len`)
-/// are hashed, so memory past the end of a short packet never changes the result.
+/// are hashed, so memory past the end of a short packet never changes the result. The hash
+/// works on 64-bit words (a handful of multiplies): it runs at every device hop of every packet.
 pub fn fingerprint(l3: &L3, l4: &[u8; L4_READ]) -> u64 {
-    let mut h = Hasher::new();
-    h.bytes16(&l3.src);
-    h.bytes16(&l3.dst);
+    let mut h = Mixer(0x243f_6a88_85a3_08d3);
+    h.word(le64(&l3.src, 0));
+    h.word(le64(&l3.src, 8));
+    h.word(le64(&l3.dst, 0));
+    h.word(le64(&l3.dst, 8));
     h.word(((l3.proto as u64) << 32) | l3.l4_len as u64);
     h.word(l3.ident as u64);
     // Transport fields that survive a copy: ports and TCP seq/ack and flags; the UDP length;
     // ICMP type/code/id/seq. Then payload bytes up to L4_READ, bounded by the packet's length.
-    let covered = if l3.l4_len < L4_READ as u32 {
-        l3.l4_len as usize
-    } else {
-        L4_READ
+    // Checksums change when a router rewrites the TTL and may be left partial by offloads:
+    // they are masked out (TCP bytes 16-17, UDP 6-7, ICMP 2-3; little-endian word order).
+    let checksum: [u64; 3] = match l3.proto {
+        IPPROTO_TCP => [0, 0, 0xffff],
+        IPPROTO_UDP => [0xffff << 48, 0, 0],
+        IPPROTO_ICMP | IPPROTO_ICMPV6 => [0xffff << 16, 0, 0],
+        _ => [0, 0, 0],
     };
-    let mut i = 0;
-    while i < L4_READ {
-        // Checksums change when a router rewrites the TTL (ICMP and UDP keep theirs, but TCP
-        // and UDP checksums may be offloaded and still partial): leave them out.
-        let is_checksum = match l3.proto {
-            IPPROTO_TCP => i == 16 || i == 17,
-            IPPROTO_UDP => i == 6 || i == 7,
-            IPPROTO_ICMP | IPPROTO_ICMPV6 => i == 2 || i == 3,
-            _ => false,
-        };
-        if i < covered && !is_checksum {
-            h.byte(l4[i]);
-        }
-        i += 1;
+    let covered = if l3.l4_len < L4_READ as u32 {
+        l3.l4_len as u64
+    } else {
+        L4_READ as u64
+    };
+    let mut k = 0;
+    while k < 3 {
+        h.word(le64(l4, k * 8) & covered_mask(covered, k as u64) & !checksum[k]);
+        k += 1;
     }
     let v = h.finish();
     if v == 0 {
@@ -166,6 +167,33 @@ pub fn fingerprint(l3: &L3, l4: &[u8; L4_READ]) -> u64 {
     } else {
         v
     }
+}
+
+/// The bits of word `k` (bytes 8k..8k+8, little-endian) that lie within the first `covered`
+/// bytes.
+#[inline(always)]
+fn covered_mask(covered: u64, k: u64) -> u64 {
+    let start = k * 8;
+    if covered >= start + 8 {
+        u64::MAX
+    } else if covered <= start {
+        0
+    } else {
+        (1u64 << ((covered - start) * 8)) - 1
+    }
+}
+
+/// Eight bytes at `at` as a little-endian word (constant offsets: no bounds for the verifier
+/// to prove).
+#[inline(always)]
+fn le64<const N: usize>(b: &[u8; N], at: usize) -> u64 {
+    let mut w = 0u64;
+    let mut i = 0;
+    while i < 8 {
+        w |= (b[at + i] as u64) << (8 * i);
+        i += 1;
+    }
+    w
 }
 
 /// Consistent sampling: every hop, on both sides of a copy, takes the same decision for the
@@ -217,38 +245,23 @@ fn be16(hi: u8, lo: u8) -> u16 {
     ((hi as u16) << 8) | lo as u16
 }
 
-/// FNV-1a, 64 bit: tiny, no tables, loop bounds the verifier can see.
-struct Hasher(u64);
+/// A multiply-xorshift mixer over 64-bit words (the finalizer is MurmurHash3's fmix64).
+struct Mixer(u64);
 
-impl Hasher {
-    fn new() -> Hasher {
-        Hasher(0xcbf2_9ce4_8422_2325)
-    }
+impl Mixer {
     #[inline(always)]
-    fn byte(&mut self, b: u8) {
-        self.0 ^= b as u64;
-        self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    fn bytes16(&mut self, b: &[u8; 16]) {
-        let mut i = 0;
-        while i < 16 {
-            self.byte(b[i]);
-            i += 1;
-        }
-    }
     fn word(&mut self, w: u64) {
-        let b = w.to_le_bytes();
-        let mut i = 0;
-        while i < 8 {
-            self.byte(b[i]);
-            i += 1;
-        }
+        self.0 = (self.0 ^ w)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(31);
     }
     fn finish(&self) -> u64 {
         // Final avalanche so that `sampled` can take bits from the middle.
         let mut x = self.0;
         x ^= x >> 33;
         x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
         x ^= x >> 33;
         x
     }

@@ -4,33 +4,26 @@ use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
 use vtrace_common::{
     flags,
     packet::{self, Filter},
-    Counter, DropKey, Hook, HopEvent, IFNAMSIZ,
+    hop_flags, Counter, DropKey, Hook, HopEvent, IFNAMSIZ,
 };
 
 use crate::{
     config::conf,
     kernel,
-    maps::{bump, DROPS, EVENTS, TRACKED},
+    maps::{bump, XmitHandOver, DROPS, EVENTS, TRACKED, XMIT_HANDOVER, XMIT_SLOTS_LEN},
 };
 
 /// Loopback has ifindex 1 in every network namespace (net/core/dev.c, `loopback_net_init`).
 const LOOPBACK_IFINDEX: u32 = 1;
 
-/// What kind of hook this is, for the identity rules.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    /// A device hook where the skb is alive and its headers readable: a sampled packet may
-    /// start being tracked here.
-    Device,
-    /// A device hook after the driver took the skb (`net_dev_xmit`): the skb may already be
-    /// freed or reused by then, so only packets tracked before are recorded.
-    DeviceAfter,
-}
-
-/// A hop at a device: `dev` is the tracepoint's own device argument where it has one (on a veth,
-/// `skb->dev` already points at the peer at `net_dev_xmit`), else 0 to take `skb->dev`.
+/// A hop at a device, where the skb is alive and its headers readable. `dev` is the
+/// tracepoint's own device argument where it has one, else 0 to take `skb->dev`.
+///
+/// Every packet is parsed and fingerprinted here, and the sampling decision is taken from the
+/// fingerprint, so the tracking map is touched only by sampled packets: the other 15 in 16 (at
+/// `--sample 16`) cost a few reads and a hash, no map operation.
 #[inline(always)]
-pub fn device_hop(hook: Hook, kind: Kind, skb: u64, dev: u64) {
+pub fn device_hop(hook: Hook, skb: u64, dev: u64) {
     bump(hook as u32);
     if conf!(flags) & flags::TRACK == 0 {
         return;
@@ -40,34 +33,73 @@ pub fn device_hop(hook: Hook, kind: Kind, skb: u64, dev: u64) {
     if conf!(flags) & flags::SKIP_LOOPBACK != 0 && ifindex == LOOPBACK_IFINDEX {
         return;
     }
-    // SAFETY: the value is a plain u64 copied out at once.
-    let (fingerprint, new) = match unsafe { TRACKED.get(&skb) } {
-        Some(fp) => (*fp, false),
-        None => {
-            if kind == Kind::DeviceAfter {
-                return;
-            }
-            match new_packet(skb) {
-                Some(fp) => (fp, true),
-                None => return,
-            }
-        }
-    };
+    let Some(fingerprint) = sampled_packet(skb) else { return };
     let info = kernel::dev_info(dev, ifindex);
     if conf!(flags) & flags::FILTER_IFACE != 0 && !iface_listed(&info.name) {
         return;
     }
-    // First sampled hop of this skb: remember it until it is freed.
-    if new && TRACKED.insert(&skb, &fingerprint, 0).is_err() {
+    // Is this skb already tracked with this content? A missing entry, or one with other
+    // content (the address was reused after a free that has no tracepoint, e.g. UDP's
+    // __consume_stateless_skb), starts a new life here.
+    // SAFETY: the value is a plain u64 copied out at once.
+    let first = !matches!(unsafe { TRACKED.get(&skb) }, Some(fp) if *fp == fingerprint);
+    if first && TRACKED.insert(&skb, &fingerprint, 0).is_err() {
         bump(Counter::TrackInsertFailed as u32);
     }
-    emit(hook, skb, fingerprint, &info, 0, 0);
+    if hook == Hook::NetDevStartXmit {
+        hand_over(skb, fingerprint);
+    }
+    emit(hook, skb, fingerprint, &info, 0, 0, if first { hop_flags::FIRST } else { 0 });
 }
 
-/// Parses a packet not tracked yet; returns its fingerprint when it passes the filter and the
-/// sample.
+/// `net_dev_xmit`: the driver's ndo_start_xmit returned. The skb may already be freed or
+/// reused (a tap reader or a veth peer may have consumed it on another CPU), so nothing is read
+/// from it: the packet is recognised from the hand-over `net_dev_start_xmit` left on this CPU.
 #[inline(always)]
-fn new_packet(skb: u64) -> Option<u64> {
+pub fn xmit_done_hop(hook: Hook, skb: u64, dev: u64) {
+    bump(hook as u32);
+    if conf!(flags) & flags::TRACK == 0 {
+        return;
+    }
+    let Some(fingerprint) = take_hand_over(skb) else { return };
+    let ifindex = kernel::dev_ifindex(dev);
+    let info = kernel::dev_info(dev, ifindex);
+    if conf!(flags) & flags::FILTER_IFACE != 0 && !iface_listed(&info.name) {
+        return;
+    }
+    emit(hook, skb, fingerprint, &info, 0, 0, 0);
+}
+
+/// Slot of the per-CPU hand-over table for an skb (sk_buffs are at least 64-byte aligned).
+#[inline(always)]
+fn slot_of(skb: u64) -> u32 {
+    ((skb >> 6) as u32) & (XMIT_SLOTS_LEN - 1)
+}
+
+#[inline(always)]
+fn hand_over(skb: u64, fingerprint: u64) {
+    if let Some(slot) = XMIT_HANDOVER.get_ptr_mut(slot_of(skb)) {
+        // SAFETY: this CPU's slot; tracepoint programs are not preempted by each other here.
+        unsafe { *slot = XmitHandOver { skb, fingerprint } };
+    }
+}
+
+#[inline(always)]
+fn take_hand_over(skb: u64) -> Option<u64> {
+    let slot = XMIT_HANDOVER.get_ptr_mut(slot_of(skb))?;
+    // SAFETY: as in `hand_over`.
+    unsafe {
+        if (*slot).skb != skb {
+            return None;
+        }
+        (*slot).skb = 0;
+        Some((*slot).fingerprint)
+    }
+}
+
+/// Parses the packet; returns its fingerprint when it passes the filter and the sample.
+#[inline(always)]
+fn sampled_packet(skb: u64) -> Option<u64> {
     let Some(h) = kernel::headers(skb) else {
         bump(Counter::Unparsed as u32);
         return None;
@@ -93,22 +125,40 @@ fn new_packet(skb: u64) -> Option<u64> {
     Some(fp)
 }
 
-/// A hop without a device (a reader copying data out): recorded for tracked packets only.
+/// The tracked fingerprint of `skb`, checked against its current content: an entry left by a
+/// free we could not see belongs to an earlier packet at the same address, and is dropped.
+#[inline(always)]
+fn tracked(skb: u64) -> Option<u64> {
+    // SAFETY: the value is a plain u64 copied out at once.
+    let fp = unsafe { TRACKED.get(&skb) }.copied()?;
+    let now = kernel::headers(skb).map(|h| packet::fingerprint(&h.l3, &h.l4));
+    if now != Some(fp) {
+        let _ = TRACKED.remove(&skb);
+        return None;
+    }
+    Some(fp)
+}
+
+/// A reader copying the data out (a VMM or vhost reading a tap, a socket): recorded for
+/// tracked packets only, and the end of the packet's tracking. After the copy the data path
+/// is over, and many readers free the skb without a tracepoint (UDP's
+/// `__consume_stateless_skb`, TCP's `__kfree_skb`): forgetting the address here keeps the
+/// tracking map free of entries whose free we would never see.
 #[inline(always)]
 pub fn reader_hop(hook: Hook, skb: u64) {
     bump(hook as u32);
     if conf!(flags) & flags::TRACK == 0 {
         return;
     }
-    // SAFETY: the value is a plain u64 copied out at once.
-    if let Some(fp) = unsafe { TRACKED.get(&skb) } {
-        let fp = *fp;
-        emit(hook, skb, fp, &kernel::dev_info(0, 0), 0, 0);
+    if let Some(fp) = tracked(skb) {
+        let _ = TRACKED.remove(&skb);
+        emit(hook, skb, fp, &kernel::dev_info(0, 0), 0, 0, 0);
     }
 }
 
 /// The end of an skb's life. `reason` is the kernel's `enum skb_drop_reason` for `kfree_skb`,
-/// `None` for `consume_skb` (a normal free, not a drop).
+/// `None` for `consume_skb` (a normal free, not a drop). Both tracepoints fire before the data
+/// is released, so the content can still be checked.
 #[inline(always)]
 pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
     bump(hook as u32);
@@ -125,16 +175,14 @@ pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
     if fl & flags::TRACK == 0 {
         return;
     }
-    // SAFETY: the value is a plain u64 copied out at once.
-    if let Some(fp) = unsafe { TRACKED.get(&skb) } {
-        let fp = *fp;
+    if let Some(fp) = tracked(skb) {
         // Forget the address now: the next skb allocated here is another packet.
         let _ = TRACKED.remove(&skb);
         let info = match dev_info {
             Some(info) => info,
             None => kernel::dev_info(0, 0),
         };
-        emit(hook, skb, fp, &info, reason.unwrap_or(0), location);
+        emit(hook, skb, fp, &info, reason.unwrap_or(0), location, 0);
     }
 }
 
@@ -160,7 +208,15 @@ fn count_drop(info: &kernel::DevInfo, reason: u32, location: u64) {
 }
 
 #[inline(always)]
-fn emit(hook: Hook, skb: u64, fingerprint: u64, info: &kernel::DevInfo, reason: u32, loc: u64) {
+fn emit(
+    hook: Hook,
+    skb: u64,
+    fingerprint: u64,
+    info: &kernel::DevInfo,
+    reason: u32,
+    loc: u64,
+    hop_flags: u32,
+) {
     let Some(mut entry) = EVENTS.reserve::<HopEvent>(0) else {
         bump(Counter::LostEvents as u32);
         return;
@@ -179,6 +235,8 @@ fn emit(hook: Hook, skb: u64, fingerprint: u64, info: &kernel::DevInfo, reason: 
         reason,
         len: kernel::skb_len(skb),
         ifname: info.name,
+        flags: hop_flags,
+        _pad: 0,
     });
     entry.submit(0);
 }

@@ -13,9 +13,27 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SL
 
 /// Sampled packets in flight: skb address -> fingerprint. An entry lives from the packet's first
 /// sampled hop until `consume_skb`/`kfree_skb`, because the kernel reuses skb memory at once.
-/// LRU, so a packet whose free we never saw cannot fill it up.
+/// LRU, so a packet whose free we never saw cannot fill it up; per-CPU LRU lists
+/// (BPF_F_NO_COMMON_LRU) so that evictions do not take a lock shared by every CPU.
 #[map]
-pub static TRACKED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+pub static TRACKED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, BPF_F_NO_COMMON_LRU);
+
+/// include/uapi/linux/bpf.h
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+
+/// What `net_dev_start_xmit` leaves for `net_dev_xmit` of the same skb on the same CPU.
+#[repr(C)]
+pub struct XmitHandOver {
+    pub skb: u64,
+    pub fingerprint: u64,
+}
+
+/// A few slots per CPU, indexed by skb address bits: a transmit can nest (a bridge device's
+/// xmit transmits on its ports) before the outer `net_dev_xmit` fires.
+pub const XMIT_SLOTS_LEN: u32 = 8;
+
+#[map]
+pub static XMIT_HANDOVER: PerCpuArray<XmitHandOver> = PerCpuArray::with_max_entries(XMIT_SLOTS_LEN, 0);
 
 /// Hop events of sampled packets, for userspace to join and time. The loader sizes it.
 #[map]

@@ -41,8 +41,6 @@ pub enum Command {
     Drops(DropsArgs),
     /// Run as a long-lived exporter of Prometheus metrics (per-edge latency histograms, drops
     /// by device and reason, lost events, vtrace's own cost) for a Prometheus server to scrape.
-    // Hidden until it lands (work in progress).
-    #[command(hide = true)]
     Serve(ServeArgs),
     /// Record hop events and drops to a versioned file, for offline reports (`vtrace report`).
     // Hidden until it lands (work in progress).

@@ -148,7 +148,10 @@ pub(crate) fn build_vtrace() -> Result<PathBuf> {
     if !st.success() {
         bail!("cargo build failed");
     }
-    Ok(root.join("target/release/vtrace"))
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    Ok(target.join("release/vtrace"))
 }
 
 pub(crate) fn step(what: &str) {

@@ -16,6 +16,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iputils-ping", "/usr/bin/ping"),
     ("nftables", "/usr/sbin/nft"),
     ("bpftool", "/usr/sbin/bpftool"),
+    ("prometheus", "/usr/bin/prometheus"),
 ];
 
 /// The bpf-linker release known to build against LLVM 22 with stable cargo's resolver.

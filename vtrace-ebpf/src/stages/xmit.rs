@@ -8,47 +8,47 @@ use aya_ebpf::{
 };
 use vtrace_common::Hook;
 
-use crate::hop::{device_hop, Kind};
+use crate::hop::{device_hop, xmit_done_hop};
 
 // TP_PROTO(struct sk_buff *skb)
 #[btf_tracepoint(function = "net_dev_queue")]
 pub fn vt_tx_net_dev_queue(ctx: BtfTracePointContext) -> i32 {
-    device_hop(Hook::NetDevQueue, Kind::Device, ctx.arg(0), 0);
+    device_hop(Hook::NetDevQueue, ctx.arg(0), 0);
     0
 }
 
 #[raw_tracepoint(tracepoint = "net_dev_queue")]
 pub fn vt_tx_net_dev_queue_raw(ctx: RawTracePointContext) -> i32 {
-    device_hop(Hook::NetDevQueue, Kind::Device, ctx.arg(0), 0);
+    device_hop(Hook::NetDevQueue, ctx.arg(0), 0);
     0
 }
 
 // TP_PROTO(const struct sk_buff *skb, const struct net_device *dev)
 #[btf_tracepoint(function = "net_dev_start_xmit")]
 pub fn vt_tx_net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
-    device_hop(Hook::NetDevStartXmit, Kind::Device, ctx.arg(0), ctx.arg(1));
+    device_hop(Hook::NetDevStartXmit, ctx.arg(0), ctx.arg(1));
     0
 }
 
 #[raw_tracepoint(tracepoint = "net_dev_start_xmit")]
 pub fn vt_tx_net_dev_start_xmit_raw(ctx: RawTracePointContext) -> i32 {
-    device_hop(Hook::NetDevStartXmit, Kind::Device, ctx.arg(0), ctx.arg(1));
+    device_hop(Hook::NetDevStartXmit, ctx.arg(0), ctx.arg(1));
     0
 }
 
 // TP_PROTO(struct sk_buff *skb, int rc, struct net_device *dev, unsigned int skb_len).
 // Fires after ndo_start_xmit returned: the skb may be gone (a tap reader or veth peer may have
-// freed it on another CPU), so only already-tracked packets are recorded, and the device comes
-// from the argument: on a veth skb->dev already points at the peer.
+// freed it on another CPU), so it is not read; the device comes from the argument: on a veth
+// skb->dev already points at the peer.
 #[btf_tracepoint(function = "net_dev_xmit")]
 pub fn vt_tx_net_dev_xmit(ctx: BtfTracePointContext) -> i32 {
-    device_hop(Hook::NetDevXmit, Kind::DeviceAfter, ctx.arg(0), ctx.arg(2));
+    xmit_done_hop(Hook::NetDevXmit, ctx.arg(0), ctx.arg(2));
     0
 }
 
 #[raw_tracepoint(tracepoint = "net_dev_xmit")]
 pub fn vt_tx_net_dev_xmit_raw(ctx: RawTracePointContext) -> i32 {
-    device_hop(Hook::NetDevXmit, Kind::DeviceAfter, ctx.arg(0), ctx.arg(2));
+    xmit_done_hop(Hook::NetDevXmit, ctx.arg(0), ctx.arg(2));
     0
 }
 
@@ -58,7 +58,7 @@ pub fn vt_tx_net_dev_xmit_raw(ctx: RawTracePointContext) -> i32 {
 pub fn vt_tx_qdisc_dequeue(ctx: BtfTracePointContext) -> i32 {
     let skb: u64 = ctx.arg(3);
     if skb != 0 {
-        device_hop(Hook::QdiscDequeue, Kind::Device, skb, 0);
+        device_hop(Hook::QdiscDequeue, skb, 0);
     }
     0
 }
@@ -67,7 +67,7 @@ pub fn vt_tx_qdisc_dequeue(ctx: BtfTracePointContext) -> i32 {
 pub fn vt_tx_qdisc_dequeue_raw(ctx: RawTracePointContext) -> i32 {
     let skb: u64 = ctx.arg(3);
     if skb != 0 {
-        device_hop(Hook::QdiscDequeue, Kind::Device, skb, 0);
+        device_hop(Hook::QdiscDequeue, skb, 0);
     }
     0
 }

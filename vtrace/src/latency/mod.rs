@@ -54,6 +54,7 @@ impl Pipeline {
             fingerprint: ev.fingerprint,
             hook,
             iface,
+            first: ev.flags & vtrace_common::hop_flags::FIRST != 0,
         });
     }
 

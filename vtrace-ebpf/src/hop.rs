@@ -13,36 +13,62 @@ use crate::{
     maps::{bump, XmitHandOver, DROPS, EVENTS, TRACKED, XMIT_HANDOVER, XMIT_SLOTS_LEN},
 };
 
+/// include/uapi/linux/bpf.h: submit without notifying the consumer.
+const BPF_RB_NO_WAKEUP: u64 = 1;
+
 /// Loopback has ifindex 1 in every network namespace (net/core/dev.c, `loopback_net_init`).
 const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Where a device hook sits in an skb's life, which decides how a packet is recognised there.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Where an skb enters a device's path (receive: `netif_receive_skb`, `netif_rx`,
+    /// `napi_gro_receive_entry`; transmit: `net_dev_queue`). A new skb, or a copy, is first
+    /// seen at one of these: the packet is parsed, fingerprinted and the sample decided here.
+    Entry,
+    /// Later on the same skb (`net_dev_start_xmit`, `qdisc_dequeue`): every skb here passed an
+    /// entry hook, so one lookup of its address tells whether it is sampled; only sampled
+    /// packets are parsed (to check the entry is not left over from an earlier packet).
+    Transit,
+}
 
 /// A hop at a device, where the skb is alive and its headers readable. `dev` is the
 /// tracepoint's own device argument where it has one, else 0 to take `skb->dev`.
 ///
-/// Every packet is parsed and fingerprinted here, and the sampling decision is taken from the
-/// fingerprint, so the tracking map is touched only by sampled packets: the other 15 in 16 (at
-/// `--sample 16`) cost a few reads and a hash, no map operation.
+/// The tracking map is written only for sampled packets: at `--sample 16` the other 15 in 16
+/// cost a parse and a hash at entry hooks and one lookup at transit hooks.
 #[inline(always)]
-pub fn device_hop(hook: Hook, skb: u64, dev: u64) {
+pub fn device_hop(hook: Hook, role: Role, skb: u64, dev: u64) {
     bump(hook as u32);
     if conf!(flags) & flags::TRACK == 0 {
         return;
     }
+    let (fingerprint, first) = match role {
+        Role::Transit => match tracked(skb) {
+            Some(fp) => (fp, false),
+            None => return,
+        },
+        Role::Entry => match sampled_packet(skb) {
+            Some(fp) => {
+                // Is this skb already tracked with this content? A missing entry, or one with
+                // other content (the address was reused after a free that has no tracepoint),
+                // starts a new life here.
+                // SAFETY: the value is a plain u64 copied out at once.
+                let known = matches!(unsafe { TRACKED.get(&skb) }, Some(old) if *old == fp);
+                (fp, !known)
+            }
+            None => return,
+        },
+    };
     let dev = if dev == 0 { kernel::skb_dev(skb) } else { dev };
     let ifindex = kernel::dev_ifindex(dev);
     if conf!(flags) & flags::SKIP_LOOPBACK != 0 && ifindex == LOOPBACK_IFINDEX {
         return;
     }
-    let Some(fingerprint) = sampled_packet(skb) else { return };
     let info = kernel::dev_info(dev, ifindex);
     if conf!(flags) & flags::FILTER_IFACE != 0 && !iface_listed(&info.name) {
         return;
     }
-    // Is this skb already tracked with this content? A missing entry, or one with other
-    // content (the address was reused after a free that has no tracepoint, e.g. UDP's
-    // __consume_stateless_skb), starts a new life here.
-    // SAFETY: the value is a plain u64 copied out at once.
-    let first = !matches!(unsafe { TRACKED.get(&skb) }, Some(fp) if *fp == fingerprint);
     if first && TRACKED.insert(&skb, &fingerprint, 0).is_err() {
         bump(Counter::TrackInsertFailed as u32);
     }
@@ -238,7 +264,9 @@ fn emit(
         flags: hop_flags,
         _pad: 0,
     });
-    entry.submit(0);
+    // No wakeup: userspace drains the ring on a timer (vtrace/src/session.rs), so the kernel
+    // does not pay an irq_work per event.
+    entry.submit(BPF_RB_NO_WAKEUP);
 }
 
 #[inline(always)]

@@ -8,31 +8,31 @@ use aya_ebpf::{
 };
 use vtrace_common::Hook;
 
-use crate::hop::{device_hop, xmit_done_hop};
+use crate::hop::{device_hop, xmit_done_hop, Role};
 
 // TP_PROTO(struct sk_buff *skb)
 #[btf_tracepoint(function = "net_dev_queue")]
 pub fn vt_tx_net_dev_queue(ctx: BtfTracePointContext) -> i32 {
-    device_hop(Hook::NetDevQueue, ctx.arg(0), 0);
+    device_hop(Hook::NetDevQueue, Role::Entry, ctx.arg(0), 0);
     0
 }
 
 #[raw_tracepoint(tracepoint = "net_dev_queue")]
 pub fn vt_tx_net_dev_queue_raw(ctx: RawTracePointContext) -> i32 {
-    device_hop(Hook::NetDevQueue, ctx.arg(0), 0);
+    device_hop(Hook::NetDevQueue, Role::Entry, ctx.arg(0), 0);
     0
 }
 
 // TP_PROTO(const struct sk_buff *skb, const struct net_device *dev)
 #[btf_tracepoint(function = "net_dev_start_xmit")]
 pub fn vt_tx_net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
-    device_hop(Hook::NetDevStartXmit, ctx.arg(0), ctx.arg(1));
+    device_hop(Hook::NetDevStartXmit, Role::Transit, ctx.arg(0), ctx.arg(1));
     0
 }
 
 #[raw_tracepoint(tracepoint = "net_dev_start_xmit")]
 pub fn vt_tx_net_dev_start_xmit_raw(ctx: RawTracePointContext) -> i32 {
-    device_hop(Hook::NetDevStartXmit, ctx.arg(0), ctx.arg(1));
+    device_hop(Hook::NetDevStartXmit, Role::Transit, ctx.arg(0), ctx.arg(1));
     0
 }
 
@@ -58,7 +58,7 @@ pub fn vt_tx_net_dev_xmit_raw(ctx: RawTracePointContext) -> i32 {
 pub fn vt_tx_qdisc_dequeue(ctx: BtfTracePointContext) -> i32 {
     let skb: u64 = ctx.arg(3);
     if skb != 0 {
-        device_hop(Hook::QdiscDequeue, skb, 0);
+        device_hop(Hook::QdiscDequeue, Role::Transit, skb, 0);
     }
     0
 }
@@ -67,7 +67,7 @@ pub fn vt_tx_qdisc_dequeue(ctx: BtfTracePointContext) -> i32 {
 pub fn vt_tx_qdisc_dequeue_raw(ctx: RawTracePointContext) -> i32 {
     let skb: u64 = ctx.arg(3);
     if skb != 0 {
-        device_hop(Hook::QdiscDequeue, skb, 0);
+        device_hop(Hook::QdiscDequeue, Role::Transit, skb, 0);
     }
     0
 }

@@ -604,3 +604,35 @@ pub fn errno_name(n: i32) -> String {
     }
     .to_string()
 }
+
+/// One line on the function tier for the commands that trace: whether this kernel allows it
+/// (fentry is tried on a built-in bridge function, kprobes looked for), and which tier is used.
+pub fn function_tier_notice() -> String {
+    let probe = || -> Result<HookStatus> {
+        let btf = Btf::from_sys_fs().map_err(|e| anyhow!("{e}"))?;
+        let info = BtfInfo::from_sys_vmlinux().map_err(|e| anyhow!("{e}"))?;
+        let mut ebpf = load_object()?;
+        let hp = CATALOG
+            .iter()
+            .find(|h| h.tier == Tier::Function && !info.func_names_matching(h.name).is_empty())
+            .ok_or_else(|| anyhow!("no catalogued function in this kernel's BTF"))?;
+        Ok(probe_function(
+            &mut ebpf,
+            &btf,
+            &info,
+            hp,
+            &kprobe_support(),
+        ))
+    };
+    match probe() {
+        Ok(st) if st.status == "available" => format!(
+            "function-tier hooks are allowed here ({}), but latency and drops use the stable tracepoint tier",
+            st.via.unwrap_or("?")
+        ),
+        Ok(st) => format!(
+            "function-tier hooks unavailable on this kernel ({}): using the stable tracepoint tier; `vtrace hooks` has details",
+            st.reason.unwrap_or_default()
+        ),
+        Err(e) => format!("function tier not probed ({e:#}): using the stable tracepoint tier"),
+    }
+}

@@ -81,6 +81,7 @@ pub async fn run(
     mut on_event: impl FnMut(&HopEvent),
     mut on_tick: impl FnMut(&Tracer, Duration, bool) -> Result<()>,
 ) -> Result<()> {
+    eprintln!("vtrace: {}", crate::hooks::function_tier_notice());
     let mut tracer = Tracer::start(opts)?;
     let mut ring = tracer.take_events()?;
     // The programs submit without waking this process (a wakeup per event costs the kernel

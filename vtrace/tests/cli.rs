@@ -194,3 +194,33 @@ fn sigterm_and_sigint_detach_within_a_second() {
         assert_eq!(common::wait_unloaded(5), 0);
     }
 }
+
+/// Where the function tier is refused (fentry EPERM, no kprobes here), tracing commands say so
+/// in one line and run on the tracepoint tier, leaving nothing of the refused tier behind.
+#[test]
+fn tracing_degrades_to_the_tracepoint_tier_with_a_notice() {
+    let out = common::run(&["drops", "--duration", "1", "--json"]);
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let notice: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("function-tier"))
+        .collect();
+    assert_eq!(notice.len(), 1, "one line about the function tier: {err}");
+    assert!(notice[0].contains("stable tracepoint tier"), "{err}");
+    let fentry_refused = common::run(&["hooks", "--json"]);
+    let v: Value = serde_json::from_slice(&fentry_refused.stdout).unwrap();
+    if v["hooks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|h| h["errno"] == "EPERM")
+    {
+        assert!(notice[0].contains("unavailable"), "{err}");
+    }
+    assert!(
+        err.contains("skb:kfree_skb(tp_btf)") || err.contains("skb:kfree_skb(raw_tp)"),
+        "{err}"
+    );
+    assert_eq!(common::wait_unloaded(5), 0);
+}

@@ -12,6 +12,7 @@
 
 pub mod cmd;
 pub mod flood;
+pub mod guest;
 pub mod names;
 pub mod netns;
 pub mod ping;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
+use vtrace_lab::guest::{Accel, GuestImage, VmLab, VmLabOptions};
 use vtrace_lab::{Lab, LabOptions, VmmOptions, VmmStats};
 
 /// Test topology of vtrace: network namespaces joined by a native path
@@ -25,6 +26,45 @@ enum Cmd {
     Up(UpArgs),
     /// Remove the namespaces and devices left behind by lab runs that died.
     Clean(CleanArgs),
+    /// The lab with a real VM: a QEMU guest routing between two namespaces.
+    #[command(subcommand)]
+    Vm(VmCmd),
+}
+
+#[derive(Subcommand)]
+enum VmCmd {
+    /// Build the guest image (kernel + initramfs from Debian packages) into the cache, or
+    /// say where the cached one is.
+    Build(VmBuildArgs),
+    /// Boot the guest as a router between two namespaces, print names, addresses and
+    /// commands, keep it running until Ctrl-C or SIGTERM, then tear everything down.
+    Up(VmUpArgs),
+}
+
+#[derive(Args)]
+struct VmBuildArgs {
+    /// Image cache (default: $VTRACE_GUEST_DIR, else target/vtrace-guest of the workspace).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<std::path::PathBuf>,
+}
+
+#[derive(Args)]
+struct VmUpArgs {
+    /// Lab id: 5 characters of [a-z0-9] (default: a fresh one). Names are "vl" + id + role.
+    #[arg(long)]
+    id: Option<String>,
+    /// Image cache (default: $VTRACE_GUEST_DIR, else target/vtrace-guest of the workspace).
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<std::path::PathBuf>,
+    /// CPU acceleration: kvm, tcg, or auto (KVM if a probe boot works here, else TCG).
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    /// Seconds the guest may take to boot.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    boot_timeout: u64,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    memory: u32,
 }
 
 #[derive(Args)]
@@ -78,6 +118,8 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Up(a) => up(a),
         Cmd::Clean(a) => clean(a),
+        Cmd::Vm(VmCmd::Build(a)) => vm_build(a),
+        Cmd::Vm(VmCmd::Up(a)) => vm_up(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -240,6 +282,107 @@ fn print_lab(lab: &Lab, opts: &LabOptions) {
     o += "\nrunning; Ctrl-C or SIGTERM tears the lab down\n";
     let _ = std::io::stdout().write_all(o.as_bytes());
     let _ = std::io::stdout().flush();
+}
+
+fn vm_build(a: VmBuildArgs) -> Result<()> {
+    let dir = a.cache_dir.unwrap_or_else(GuestImage::default_cache_dir);
+    let started = std::time::Instant::now();
+    let img = GuestImage::ensure(&dir)?;
+    say!(
+        "guest image {} in {:.1} s: {} ({})",
+        if img.built { "built" } else { "cached" },
+        started.elapsed().as_secs_f64(),
+        dir.display(),
+        img.kernel_package
+    );
+    say!("  kernel  {}", img.kernel.display());
+    say!("  initrd  {}", img.initrd.display());
+    say!("  modules {}", img.modules.join(" "));
+    Ok(())
+}
+
+fn vm_up(a: VmUpArgs) -> Result<()> {
+    require_root()?;
+    // As for `up`: signals wait until setup has finished (or failed and cleaned up).
+    let signals = block_termination_signals()?;
+    let mut opts = VmLabOptions::new();
+    if let Some(id) = a.id {
+        opts.id = id;
+    }
+    if let Some(d) = a.cache_dir {
+        opts.cache_dir = d;
+    }
+    opts.accel = Accel::parse(&a.accel)?;
+    opts.boot_timeout = Duration::from_secs(a.boot_timeout);
+    opts.memory_mib = a.memory;
+    let lab = VmLab::up(opts)?;
+    let p = lab.path().clone();
+    let mut o = String::new();
+    o += &format!(
+        "VM lab {} is up (id {}): QEMU pid {}, {}{}, booted in {:.1} s, kernel {}\n",
+        lab.prefix(),
+        lab.id(),
+        lab.qemu_pid(),
+        lab.accel().name(),
+        if lab.vhost() {
+            " + vhost-net"
+        } else {
+            ", userspace virtio-net backend"
+        },
+        lab.boot_time().as_secs_f64(),
+        lab.image().kernel_release
+    );
+    o += "\n  netns — veth — bridge — tap ⇄ QEMU [guest routes, TTL-1] ⇄ tap — bridge — veth — netns\n";
+    o += &format!(
+        "  {:<11} eth0 {}/24 {}  host end {} on bridge {}, gateway {}\n",
+        p.sender_ns, p.sender_ip, p.sender_mac, p.sender_veth, p.bridge_a, p.guest_ip_a
+    );
+    o += &format!(
+        "  {:<11} eth0 {}/24 {}  host end {} on bridge {}, gateway {}\n",
+        p.receiver_ns, p.receiver_ip, p.receiver_mac, p.receiver_veth, p.bridge_b, p.guest_ip_b
+    );
+    o += &format!(
+        "  guest NICs: {} {} on tap {}, {} {} on tap {}\n",
+        p.guest_ip_a, p.guest_mac_a, p.tap_a, p.guest_ip_b, p.guest_mac_b, p.tap_b
+    );
+    o += &format!(
+        "  ping:   ip netns exec {} ping {}\n",
+        p.sender_ns, p.receiver_ip
+    );
+    o += &format!(
+        "  trace:  vtrace latency --proto icmp --host {}\n",
+        p.receiver_ip
+    );
+    o += &format!(
+        "  flood:  vtrace-flood --from {} --to {} --dst {}:9000\n",
+        p.sender_ns, p.receiver_ns, p.receiver_ip
+    );
+    o += "\nguest console (last lines):\n";
+    for l in lab.console_tail(8) {
+        o += &format!("  | {l}\n");
+    }
+    o += "\nrunning; Ctrl-C or SIGTERM tears the VM lab down\n";
+    let _ = std::io::stdout().write_all(o.as_bytes());
+    let _ = std::io::stdout().flush();
+    let sig = loop {
+        if let Some(sig) = wait_signal(&signals, Duration::from_secs(1)) {
+            break sig;
+        }
+        // SAFETY: signal 0 only checks that the process exists.
+        if unsafe { libc::kill(lab.qemu_pid() as libc::pid_t, 0) } != 0 {
+            say!("QEMU is gone; console tail:");
+            for l in lab.console_tail(20) {
+                say!("  | {l}");
+            }
+            break 0;
+        }
+    };
+    if sig != 0 {
+        say!("\nsignal {sig}: tearing VM lab {} down", lab.prefix());
+    }
+    drop(lab);
+    say!("done");
+    Ok(())
 }
 
 fn clean(a: CleanArgs) -> Result<()> {

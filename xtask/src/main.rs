@@ -5,6 +5,7 @@
 mod bench;
 mod demo;
 mod setup;
+mod vm_demo;
 
 use std::process::{Command, ExitCode};
 
@@ -33,6 +34,11 @@ enum Job {
         /// Seconds of traffic per measurement.
         #[arg(long, default_value = "5")]
         seconds: u64,
+        /// Route through a real VM instead: a QEMU guest (built once from Debian's kernel and
+        /// busybox, cached in target/vtrace-guest) against the native path, then a 64-byte
+        /// flood through it; the paper's Tables III and II side by side.
+        #[arg(long)]
+        vm: bool,
     },
     /// Measure vtrace's cost on the lab: 64-byte pps with and without vtrace (alternating
     /// pairs), ns per hook invocation, user-space CPU and memory, lost events.
@@ -53,7 +59,13 @@ fn main() -> ExitCode {
     let r = match cli.job {
         Job::Setup => setup::run(),
         Job::Test { args } => test(&args),
-        Job::Demo { seconds } => setup::run().and_then(|_| demo::run(seconds)),
+        Job::Demo { seconds, vm } => setup::run().and_then(|_| {
+            if vm {
+                vm_demo::run(seconds)
+            } else {
+                demo::run(seconds)
+            }
+        }),
         Job::Bench { pairs, seconds } => setup::run().and_then(|_| bench::run(pairs, seconds)),
         Job::Clean => clean(),
     };

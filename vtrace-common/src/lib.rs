@@ -95,7 +95,7 @@ pub enum Counter {
     TrackInsertFailed = HOOK_COUNT as u32 + 1,
     /// Drops that could not be added to the drop map.
     DropInsertFailed = HOOK_COUNT as u32 + 2,
-    /// Packets chosen by the 1-in-N sample.
+    /// Entry hops (see vtrace-ebpf's `Role::Entry`) of packets chosen by the 1-in-N sample.
     Sampled = HOOK_COUNT as u32 + 3,
     /// Packets whose headers could not be read (not IPv4/IPv6, header not in the linear area).
     Unparsed = HOOK_COUNT as u32 + 4,

@@ -204,10 +204,19 @@ pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
     if let Some(fp) = tracked(skb) {
         // Forget the address now: the next skb allocated here is another packet.
         let _ = TRACKED.remove(&skb);
-        let info = match dev_info {
-            Some(info) => info,
-            None => kernel::dev_info(0, 0),
+        // A drop names the device it happened at (skb->dev), whatever else is enabled; a
+        // normal free has no device of its own.
+        let info = match (dev_info, reason) {
+            (Some(info), _) => info,
+            (None, Some(_)) => {
+                let dev = kernel::skb_dev(skb);
+                kernel::dev_info(dev, kernel::dev_ifindex(dev))
+            }
+            (None, None) => kernel::dev_info(0, 0),
         };
+        if info.ifindex != 0 && fl & flags::FILTER_IFACE != 0 && !iface_listed(&info.name) {
+            return;
+        }
         emit(hook, skb, fp, &info, reason.unwrap_or(0), location, 0);
     }
 }

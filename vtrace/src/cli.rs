@@ -43,12 +43,8 @@ pub enum Command {
     /// by device and reason, lost events, vtrace's own cost) for a Prometheus server to scrape.
     Serve(ServeArgs),
     /// Record hop events and drops to a versioned file, for offline reports (`vtrace report`).
-    // Hidden until it lands (work in progress).
-    #[command(hide = true)]
     Record(RecordArgs),
     /// The latency and drops reports from a file written by `vtrace record`.
-    // Hidden until it lands (work in progress).
-    #[command(hide = true)]
     Report(ReportArgs),
     /// Empty programs at every latency hook, for measuring vtrace's per-hook cost against a
     /// floor in the same run (used by `cargo xtask bench`).

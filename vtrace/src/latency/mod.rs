@@ -20,6 +20,17 @@ use report::{Aggregate, LatencyReport};
 /// The hooks `latency` attaches: the stable tracepoint tier.
 pub const HOOKS: [Hook; 10] = Hook::ALL;
 
+/// Whether a hop names its own device. A reader's copy and a normal free have none (they take
+/// the device the skb was last seen on); a drop names the device it happened at, when the
+/// kernel had one (`skb->dev`).
+pub fn has_device(hook: Hook, ifindex: u32) -> bool {
+    match hook {
+        Hook::SkbCopyDatagramIovec | Hook::ConsumeSkb => false,
+        Hook::KfreeSkb => ifindex != 0,
+        _ => true,
+    }
+}
+
 /// Hop events in, latency report out: names devices, joins hops into paths, aggregates.
 /// Shared by `latency` (live), `serve` (exporter) and `report` (offline, from a record file).
 pub struct Pipeline {
@@ -43,11 +54,7 @@ impl Pipeline {
         let Some(hook) = Hook::from_u32(ev.hook) else {
             return;
         };
-        let iface = match hook {
-            Hook::SkbCopyDatagramIovec | Hook::ConsumeSkb => None,
-            Hook::KfreeSkb if ev.ifindex == 0 => None,
-            _ => Some(self.namer.name(&ev.ifname, ev.netns)),
-        };
+        let iface = has_device(hook, ev.ifindex).then(|| self.namer.name(&ev.ifname, ev.netns));
         self.push_named(HopIn {
             ts: ev.ts_ns,
             skb: ev.skb,

@@ -54,11 +54,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::cmd::{command_line, ip, ip_quiet, run};
+use crate::cmd::{command_line, ip, run};
 use crate::names::{self, prefix, validate_id};
-use crate::netns::{self, write_sysctl};
 use crate::ping::ping;
-use crate::topology::owner_file;
+use crate::topology::{
+    add_bridge, add_endpoint, attach_to_bridge, claim_id, disable_ipv6_host, Cleanup, Step,
+};
 
 /// Address of the sender (`eth0` in `P-ra`), side A subnet 198.18.2.0/24.
 pub const VM_SENDER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 1);
@@ -1318,20 +1319,13 @@ pub struct RouterPath {
     pub guest_mac_b: String,
 }
 
-/// One thing created by [`VmLab::up`], undone at teardown.
-#[derive(Debug)]
-enum Step {
-    Netns(String),
-    Link(String),
-    OwnerFile(PathBuf),
-}
-
-/// Everything [`VmLab::up`] created: QEMU first, then devices, namespaces and the owner
-/// file, removed newest first. Dropping it undoes all of it.
+/// Everything [`VmLab::up`] created: QEMU, then the devices, namespaces and owner file
+/// recorded by the lab's own clean-up guard. Dropping it stops QEMU first, then undoes the rest
+/// newest first.
 #[derive(Default)]
 struct Resources {
     qemu: Option<Qemu>,
-    steps: Vec<Step>,
+    cleanup: Cleanup,
 }
 
 impl Resources {
@@ -1339,15 +1333,7 @@ impl Resources {
         if let Some(mut q) = self.qemu.take() {
             q.stop();
         }
-        while let Some(step) = self.steps.pop() {
-            match step {
-                Step::Link(dev) => ip_quiet(&["link", "del", "dev", &dev]),
-                Step::Netns(ns) => ip_quiet(&["netns", "del", &ns]),
-                Step::OwnerFile(p) => {
-                    let _ = fs::remove_file(p);
-                }
-            }
-        }
+        self.cleanup.run();
     }
 }
 
@@ -1397,7 +1383,7 @@ impl VmLab {
         let id = opts.id.clone();
         let p = prefix(&id);
         let mut res = Resources::default();
-        claim_id(&id, &mut res)?;
+        claim_id(&id, &mut res.cleanup)?;
         let path = router_path(&id, &p);
         build_host_side(&path, &mut res).context("cannot build the host side of the VM lab")?;
 
@@ -1560,29 +1546,6 @@ impl VmLab {
     }
 }
 
-/// Reserves `id` with an owner file in the same place and format as [`crate::Lab`]'s, so
-/// that ids never collide and `vtrace-lab clean` keeps away from running VM labs.
-fn claim_id(id: &str, res: &mut Resources) -> Result<()> {
-    let path = owner_file(id);
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let mut f = match OpenOptions::new().write(true).create_new(true).open(&path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            bail!(
-                "lab id {id} is taken (owner file {}); pick another id, or run `vtrace-lab clean` if that run is gone",
-                path.display()
-            )
-        }
-        Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
-    };
-    res.steps.push(Step::OwnerFile(path.clone()));
-    writeln!(f, "{}", std::process::id())
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
-}
-
 /// A locally administered MAC: 02:76, two bytes from the id, the subnet's third octet
 /// (2 or 3) and the host's last octet.
 fn vm_mac(id: &str, subnet: u8, host: u8) -> String {
@@ -1621,67 +1584,10 @@ fn router_path(id: &str, p: &str) -> RouterPath {
     }
 }
 
-fn disable_ipv6_host(dev: &str) -> Result<()> {
-    write_sysctl(&format!("net/ipv6/conf/{dev}/disable_ipv6"), "1")
-}
-
-/// A namespace with IPv6 off and `lo` up.
-fn add_netns(ns: &str, res: &mut Resources) -> Result<()> {
-    if netns::path(ns).exists() {
-        bail!("network namespace {ns} already exists");
-    }
-    let mut r = ip(&["netns", "add", ns]);
-    // Concurrent first-time `ip netns add` calls can race on the /run/netns mount.
-    for _ in 0..2 {
-        if r.is_ok() || netns::path(ns).exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-        r = ip(&["netns", "add", ns]);
-    }
-    r?;
-    res.steps.push(Step::Netns(ns.to_string()));
-    netns::run_in(ns, || {
-        write_sysctl("net/ipv6/conf/all/disable_ipv6", "1")?;
-        write_sysctl("net/ipv6/conf/default/disable_ipv6", "1")
-    })?;
-    ip(&["-n", ns, "link", "set", "dev", "lo", "up"])?;
-    Ok(())
-}
-
-/// A bridge without STP, forwarding delay or multicast snooping, IPv6 off, up.
-fn add_bridge(name: &str, res: &mut Resources) -> Result<()> {
-    ip(&[
-        "link",
-        "add",
-        "name",
-        name,
-        "type",
-        "bridge",
-        "stp_state",
-        "0",
-        "forward_delay",
-        "0",
-        "mcast_snooping",
-        "0",
-    ])?;
-    res.steps.push(Step::Link(name.to_string()));
-    disable_ipv6_host(name)?;
-    ip(&["link", "set", "dev", name, "up"])?;
-    Ok(())
-}
-
-fn attach(dev: &str, bridge: &str) -> Result<()> {
-    disable_ipv6_host(dev)?;
-    ip(&["link", "set", "dev", dev, "master", bridge])?;
-    ip(&["link", "set", "dev", dev, "up"])?;
-    Ok(())
-}
-
 /// An end host: namespace `ns`, `eth0` (a veth whose host end is on `bridge`) with `addr`,
 /// a route to the other subnet via `gateway`, whose MAC is entered statically.
 #[allow(clippy::too_many_arguments)]
-fn add_endpoint(
+fn add_routed_endpoint(
     ns: &str,
     host_end: &str,
     mac: &str,
@@ -1692,16 +1598,15 @@ fn add_endpoint(
     gateway_mac: &str,
     res: &mut Resources,
 ) -> Result<()> {
-    add_netns(ns, res)?;
-    ip(&[
-        "link", "add", "name", host_end, "type", "veth", "peer", "name", "eth0", "address", mac,
-        "netns", ns,
-    ])?;
-    res.steps.push(Step::Link(host_end.to_string()));
-    attach(host_end, bridge)?;
-    let cidr = format!("{addr}/{VM_PREFIX_LEN}");
-    ip(&["-n", ns, "addr", "add", &cidr, "dev", "eth0"])?;
-    ip(&["-n", ns, "link", "set", "dev", "eth0", "up"])?;
+    add_endpoint(
+        ns,
+        host_end,
+        mac,
+        addr,
+        bridge,
+        VM_PREFIX_LEN,
+        &mut res.cleanup,
+    )?;
     let gw = gateway.to_string();
     ip(&[
         "-n",
@@ -1733,18 +1638,19 @@ fn add_endpoint(
 /// A persistent tap (QEMU attaches to it by name) on `bridge`.
 fn add_tap(name: &str, bridge: &str, res: &mut Resources) -> Result<()> {
     ip(&["tuntap", "add", "dev", name, "mode", "tap"])?;
-    res.steps.push(Step::Link(name.to_string()));
-    attach(name, bridge)
+    res.cleanup.push(Step::Link(name.to_string()));
+    disable_ipv6_host(name)?;
+    attach_to_bridge(name, bridge)
 }
 
 fn build_host_side(p: &RouterPath, res: &mut Resources) -> Result<()> {
-    add_bridge(&p.bridge_a, res)?;
-    add_bridge(&p.bridge_b, res)?;
+    add_bridge(&p.bridge_a, &mut res.cleanup)?;
+    add_bridge(&p.bridge_b, &mut res.cleanup)?;
     let subnet = |ip: Ipv4Addr| {
         let o = ip.octets();
         format!("{}.{}.{}.0/{VM_PREFIX_LEN}", o[0], o[1], o[2])
     };
-    add_endpoint(
+    add_routed_endpoint(
         &p.sender_ns,
         &p.sender_veth,
         &p.sender_mac,
@@ -1755,7 +1661,7 @@ fn build_host_side(p: &RouterPath, res: &mut Resources) -> Result<()> {
         &p.guest_mac_a,
         res,
     )?;
-    add_endpoint(
+    add_routed_endpoint(
         &p.receiver_ns,
         &p.receiver_veth,
         &p.receiver_mac,

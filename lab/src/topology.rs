@@ -156,7 +156,7 @@ pub struct VirtualPath {
 
 /// One thing created by [`Lab::up`], undone at teardown.
 #[derive(Debug)]
-enum Step {
+pub(crate) enum Step {
     Netns(String),
     Link(String),
     OwnerFile(PathBuf),
@@ -165,17 +165,17 @@ enum Step {
 /// Records what was created and removes it, newest first, when dropped. This is the
 /// incremental guard of [`Lab::up`], later owned by the [`Lab`].
 #[derive(Debug, Default)]
-struct Cleanup {
+pub(crate) struct Cleanup {
     steps: Vec<Step>,
 }
 
 impl Cleanup {
-    fn push(&mut self, step: Step) {
+    pub(crate) fn push(&mut self, step: Step) {
         self.steps.push(step);
     }
 
     /// Undoes every recorded step, newest first. Idempotent.
-    fn run(&mut self) {
+    pub(crate) fn run(&mut self) {
         while let Some(step) = self.steps.pop() {
             // Errors are ignored: teardown must go on, and must not panic.
             match step {
@@ -387,7 +387,7 @@ impl Lab {
 }
 
 /// Reserves `id` by creating its owner file exclusively.
-fn claim_id(id: &str, cleanup: &mut Cleanup) -> Result<()> {
+pub(crate) fn claim_id(id: &str, cleanup: &mut Cleanup) -> Result<()> {
     std::fs::create_dir_all(OWNER_DIR).with_context(|| format!("cannot create {OWNER_DIR}"))?;
     let path = owner_file(id);
     let mut f = match OpenOptions::new().write(true).create_new(true).open(&path) {
@@ -423,7 +423,7 @@ fn lab_mac(id: &str, path: u8, host: u8) -> String {
 
 /// Disables IPv6 on host device `dev` (before it goes up, so it never sends router
 /// solicitations, DAD or MLD).
-fn disable_ipv6_host(dev: &str) -> Result<()> {
+pub(crate) fn disable_ipv6_host(dev: &str) -> Result<()> {
     write_sysctl(&format!("net/ipv6/conf/{dev}/disable_ipv6"), "1")
 }
 
@@ -445,7 +445,7 @@ fn netns_add(ns: &str) -> Result<()> {
 }
 
 /// Creates namespace `ns` with IPv6 off and `lo` up.
-fn add_netns(ns: &str, cleanup: &mut Cleanup) -> Result<()> {
+pub(crate) fn add_netns(ns: &str, cleanup: &mut Cleanup) -> Result<()> {
     netns_add(ns)?;
     cleanup.push(Step::Netns(ns.to_string()));
     netns::run_in(ns, || {
@@ -460,7 +460,7 @@ fn add_netns(ns: &str, cleanup: &mut Cleanup) -> Result<()> {
 /// Creates a bridge with STP off (no BPDUs) and no forwarding delay (ports forward at
 /// once), IPv6 off, up. Multicast snooping is off too: with it, the bridge joins the
 /// multicast-router-discovery group 224.0.0.106 and sends IGMP reports into the lab.
-fn add_bridge(name: &str, cleanup: &mut Cleanup) -> Result<()> {
+pub(crate) fn add_bridge(name: &str, cleanup: &mut Cleanup) -> Result<()> {
     ip(&[
         "link",
         "add",
@@ -482,7 +482,7 @@ fn add_bridge(name: &str, cleanup: &mut Cleanup) -> Result<()> {
 }
 
 /// Enslaves host device `dev` to `bridge` and brings it up.
-fn attach_to_bridge(dev: &str, bridge: &str) -> Result<()> {
+pub(crate) fn attach_to_bridge(dev: &str, bridge: &str) -> Result<()> {
     ip(&["link", "set", "dev", dev, "master", bridge])?;
     ip(&["link", "set", "dev", dev, "up"])?;
     Ok(())
@@ -490,12 +490,13 @@ fn attach_to_bridge(dev: &str, bridge: &str) -> Result<()> {
 
 /// One end host: namespace `ns` whose `eth0` (address `addr`, MAC `mac`) is a veth
 /// whose host end `host_end` sits on `bridge`.
-fn add_endpoint(
+pub(crate) fn add_endpoint(
     ns: &str,
     host_end: &str,
     mac: &str,
     addr: Ipv4Addr,
     bridge: &str,
+    prefix_len: u8,
     cleanup: &mut Cleanup,
 ) -> Result<()> {
     add_netns(ns, cleanup)?;
@@ -506,7 +507,7 @@ fn add_endpoint(
     cleanup.push(Step::Link(host_end.to_string()));
     disable_ipv6_host(host_end)?;
     attach_to_bridge(host_end, bridge)?;
-    let cidr = format!("{addr}/{PREFIX_LEN}");
+    let cidr = format!("{addr}/{prefix_len}");
     ip(&["-n", ns, "addr", "add", &cidr, "dev", NS_DEV])?;
     ip(&["-n", ns, "link", "set", "dev", NS_DEV, "up"])?;
     Ok(())
@@ -552,6 +553,7 @@ fn build_native(id: &str, p: &str, cleanup: &mut Cleanup) -> Result<NativePath> 
         &n.sender_mac,
         n.sender_ip,
         &n.bridge,
+        PREFIX_LEN,
         cleanup,
     )?;
     add_endpoint(
@@ -560,6 +562,7 @@ fn build_native(id: &str, p: &str, cleanup: &mut Cleanup) -> Result<NativePath> 
         &n.receiver_mac,
         n.receiver_ip,
         &n.bridge,
+        PREFIX_LEN,
         cleanup,
     )?;
     add_static_neighbours(
@@ -597,6 +600,7 @@ fn build_virtual(
         &v.sender_mac,
         v.sender_ip,
         &v.bridge_in,
+        PREFIX_LEN,
         cleanup,
     )?;
     add_endpoint(
@@ -605,6 +609,7 @@ fn build_virtual(
         &v.receiver_mac,
         v.receiver_ip,
         &v.bridge_out,
+        PREFIX_LEN,
         cleanup,
     )?;
     add_static_neighbours(

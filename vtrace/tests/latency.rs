@@ -30,32 +30,6 @@ fn trace_pings(sender: &str, dst: std::net::Ipv4Addr, count: u32, extra: &[&str]
     (report, stats.rtt.expect("rtt").avg_ms * 1e6)
 }
 
-fn hop_name(h: &Value) -> String {
-    format!(
-        "{}@{}",
-        h["hook"].as_str().unwrap_or(""),
-        h["iface"].as_str().unwrap_or("")
-    )
-}
-
-/// Count-weighted mean of the paths that start at `from_iface` and reach `to_iface`.
-fn path_mean(report: &Value, from_iface: &str, to_iface: &str) -> (f64, u64) {
-    let mut sum = 0.0;
-    let mut n = 0u64;
-    for p in report["paths"].as_array().expect("paths") {
-        let hops = p["hops"].as_array().expect("hops");
-        let starts = hops.first().is_some_and(|h| h["iface"] == from_iface);
-        let reaches = hops.iter().any(|h| h["iface"] == to_iface);
-        if starts && reaches {
-            let c = p["count"].as_u64().unwrap_or(0);
-            sum += p["mean_ns"].as_f64().unwrap_or(0.0) * c as f64;
-            n += c;
-        }
-    }
-    assert!(n > 0, "no path from {from_iface} to {to_iface} in {report}");
-    (sum / n as f64, n)
-}
-
 /// Closure: for ping over the virtual path, request path + reply path ≈ ping's RTT.
 #[test]
 fn closure_virtual_path_paths_add_up_to_the_rtt() {
@@ -68,8 +42,8 @@ fn closure_virtual_path_paths_add_up_to_the_rtt() {
     let (report, rtt_ns) = trace_pings(&v.sender_ns, v.receiver_ip, 100, &[]);
     let tx = format!("eth0@{}", v.sender_ns);
     let rx = format!("eth0@{}", v.receiver_ns);
-    let (request, nreq) = path_mean(&report, &tx, &rx);
-    let (reply, nrep) = path_mean(&report, &rx, &tx);
+    let (request, nreq) = common::path_mean(&report, &tx, &rx);
+    let (reply, nrep) = common::path_mean(&report, &rx, &tx);
     let ratio = (request + reply) / rtt_ns;
     println!(
         "closure: request {:.1} us ({nreq} pkts) + reply {:.1} us ({nrep} pkts) = {:.1} us; ping RTT {:.1} us; ratio {ratio:.3}",
@@ -82,7 +56,12 @@ fn closure_virtual_path_paths_add_up_to_the_rtt() {
     assert!((0.6..=1.05).contains(&ratio), "ratio {ratio}");
     // The request path crosses the VMM: it is joined across the copy into a new skb.
     let joined = report["paths"].as_array().unwrap().iter().any(|p| {
-        let hops: Vec<String> = p["hops"].as_array().unwrap().iter().map(hop_name).collect();
+        let hops: Vec<String> = p["hops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(common::hop_name)
+            .collect();
         hops.iter()
             .any(|h| h == &format!("net_dev_start_xmit@{}", v.tap_in))
             && hops
@@ -120,13 +99,22 @@ fn attribution_vmm_edges_explain_the_extra_rtt() {
             .unwrap()
             .iter()
             .filter(|p| {
-                let hops: Vec<String> =
-                    p["hops"].as_array().unwrap().iter().map(hop_name).collect();
+                let hops: Vec<String> = p["hops"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(common::hop_name)
+                    .collect();
                 hops.contains(&start) && hops.contains(&end)
             })
             .max_by_key(|p| p["count"].as_u64())
             .unwrap_or_else(|| panic!("no path across {tap_a} -> {tap_b}"));
-        let hops: Vec<String> = p["hops"].as_array().unwrap().iter().map(hop_name).collect();
+        let hops: Vec<String> = p["hops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(common::hop_name)
+            .collect();
         let (i, j) = (
             hops.iter().position(|h| *h == start).unwrap(),
             hops.iter().position(|h| *h == end).unwrap(),
@@ -136,7 +124,9 @@ fn attribution_vmm_edges_explain_the_extra_rtt() {
                 .as_array()
                 .unwrap()
                 .iter()
-                .find(|e| hop_name(&e["from"]) == w[0] && hop_name(&e["to"]) == w[1])
+                .find(|e| {
+                    common::hop_name(&e["from"]) == w[0] && common::hop_name(&e["to"]) == w[1]
+                })
                 .expect("edge of the path is reported");
             vmm_ns += e["mean_ns"].as_f64().unwrap();
         }

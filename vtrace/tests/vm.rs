@@ -11,33 +11,6 @@ use serde_json::Value;
 use vtrace_lab::guest::{GuestImage, VmLab, VmLabOptions};
 use vtrace_lab::ping;
 
-fn hop_name(h: &Value) -> String {
-    format!(
-        "{}@{}",
-        h["hook"].as_str().unwrap_or(""),
-        h["iface"].as_str().unwrap_or("")
-    )
-}
-
-/// Count-weighted mean of the paths that start at `from_iface` and reach `to_iface` (as in
-/// latency.rs).
-fn path_mean(report: &Value, from_iface: &str, to_iface: &str) -> (f64, u64) {
-    let mut sum = 0.0;
-    let mut n = 0u64;
-    for p in report["paths"].as_array().expect("paths") {
-        let hops = p["hops"].as_array().expect("hops");
-        let starts = hops.first().is_some_and(|h| h["iface"] == from_iface);
-        let reaches = hops.iter().any(|h| h["iface"] == to_iface);
-        if starts && reaches {
-            let c = p["count"].as_u64().unwrap_or(0);
-            sum += p["mean_ns"].as_f64().unwrap_or(0.0) * c as f64;
-            n += c;
-        }
-    }
-    assert!(n > 0, "no path from {from_iface} to {to_iface} in {report}");
-    (sum / n as f64, n)
-}
-
 /// Packets of the path that leave through `from` (driver transmit on one tap) and come back,
 /// after QEMU and the guest, on `to` (receive on the other tap), in that order.
 fn crossing_count(report: &Value, from: &str, to: &str) -> u64 {
@@ -46,7 +19,12 @@ fn crossing_count(report: &Value, from: &str, to: &str) -> u64 {
         .expect("paths")
         .iter()
         .filter(|p| {
-            let hops: Vec<String> = p["hops"].as_array().unwrap().iter().map(hop_name).collect();
+            let hops: Vec<String> = p["hops"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(common::hop_name)
+                .collect();
             match (
                 hops.iter().position(|h| h == from),
                 hops.iter().position(|h| h == to),
@@ -155,8 +133,8 @@ fn vm_router_paths_join_across_qemu_and_add_up_to_the_rtt() {
 
     let tx = format!("eth0@{}", p.sender_ns);
     let rx = format!("eth0@{}", p.receiver_ns);
-    let (request, nreq) = path_mean(&report, &tx, &rx);
-    let (reply, nrep) = path_mean(&report, &rx, &tx);
+    let (request, nreq) = common::path_mean(&report, &tx, &rx);
+    let (reply, nrep) = common::path_mean(&report, &rx, &tx);
     let ratio = (request + reply) / rtt_ns;
     println!(
         "through QEMU: {there} requests joined {} -> {}, {back} replies joined {} -> {}",

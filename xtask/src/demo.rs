@@ -48,33 +48,15 @@ pub fn run(seconds: u64) -> Result<()> {
     ] {
         step(&format!("tracing {count} pings across the {name} path"));
         let json = out_dir.join(format!("{name}.json"));
-        let tracer = start_vtrace(
+        rtts.push(trace_pings(
             &vtrace,
-            &[
-                "latency",
-                "--proto",
-                "icmp",
-                "--host",
-                &dst.to_string(),
-                "--duration",
-                &format!("{}", seconds + 2),
-                "--interval",
-                "3600",
-                "--top",
-                "2",
-                "-o",
-                json.to_str().unwrap_or_default(),
-            ],
-        )?;
-        let stats = ping(sender, dst, count, interval)?;
-        let table = finish(tracer)?;
-        println!("{table}");
-        let rtt = stats.rtt.map(|r| r.avg_ms).unwrap_or(f64::NAN);
-        println!(
-            "  ping: {} sent, {} received, mean RTT {rtt:.3} ms",
-            stats.transmitted, stats.received
-        );
-        rtts.push(rtt);
+            &json,
+            sender,
+            dst,
+            count,
+            interval,
+            seconds + 2,
+        )?);
     }
 
     step("where the virtual path's extra time goes (vtrace compare native.json virtual.json)");
@@ -135,6 +117,46 @@ pub fn run(seconds: u64) -> Result<()> {
     drop(slow);
     step(&format!("done; JSON reports are in {}", out_dir.display()));
     Ok(())
+}
+
+/// Pings `dst` from namespace `sender` while `vtrace latency` traces ICMP to it, writing the
+/// JSON report to `json`; prints vtrace's table and ping's summary, returns ping's mean RTT (ms).
+pub(crate) fn trace_pings(
+    vtrace: &Path,
+    json: &Path,
+    sender: &str,
+    dst: std::net::Ipv4Addr,
+    count: u32,
+    interval: Duration,
+    trace_secs: u64,
+) -> Result<f64> {
+    let tracer = start_vtrace(
+        vtrace,
+        &[
+            "latency",
+            "--proto",
+            "icmp",
+            "--host",
+            &dst.to_string(),
+            "--duration",
+            &trace_secs.to_string(),
+            "--interval",
+            "3600",
+            "--top",
+            "2",
+            "-o",
+            json.to_str().unwrap_or_default(),
+        ],
+    )?;
+    let stats = ping(sender, dst, count, interval)?;
+    let table = finish(tracer)?;
+    println!("{table}");
+    let rtt = stats.rtt.map(|r| r.avg_ms).unwrap_or(f64::NAN);
+    println!(
+        "  ping: {} sent, {} received, mean RTT {rtt:.3} ms",
+        stats.transmitted, stats.received
+    );
+    Ok(rtt)
 }
 
 /// Builds the release vtrace binary and returns its path.

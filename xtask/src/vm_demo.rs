@@ -16,10 +16,10 @@ use anyhow::{Context, Result};
 use vtrace_lab::{
     flood,
     guest::{GuestImage, VmLab, VmLabOptions},
-    ping, FloodOptions, Lab, LabOptions,
+    FloodOptions, Lab, LabOptions,
 };
 
-use crate::demo::{build_vtrace, finish, start_vtrace, step, workspace_root};
+use crate::demo::{build_vtrace, finish, start_vtrace, step, trace_pings, workspace_root};
 
 /// The paper's Table III (ping RTT through the router, idle, Xen 3.2): native Linux router.
 const PAPER_NATIVE_MS: f64 = 0.084;
@@ -97,33 +97,15 @@ pub fn run(seconds: u64) -> Result<()> {
             "tracing {count} pings across {what}: vtrace latency -o {name}.json"
         ));
         let json = out_dir.join(format!("{name}.json"));
-        let tracer = start_vtrace(
+        rtts.push(trace_pings(
             &vtrace,
-            &[
-                "latency",
-                "--proto",
-                "icmp",
-                "--host",
-                &dst.to_string(),
-                "--duration",
-                &format!("{}", seconds + 3),
-                "--interval",
-                "3600",
-                "--top",
-                "2",
-                "-o",
-                json.to_str().unwrap_or_default(),
-            ],
-        )?;
-        let stats = ping(sender, dst, count, interval)?;
-        let table = finish(tracer)?;
-        println!("{table}");
-        let rtt = stats.rtt.map(|r| r.avg_ms).unwrap_or(f64::NAN);
-        println!(
-            "  ping: {} sent, {} received, mean RTT {rtt:.3} ms",
-            stats.transmitted, stats.received
-        );
-        rtts.push(rtt);
+            &json,
+            sender,
+            dst,
+            count,
+            interval,
+            seconds + 3,
+        )?);
     }
 
     step("where the virtual router's extra time goes: vtrace compare native.json vm.json");

@@ -114,3 +114,31 @@ pub fn wait_unloaded(secs: u64) -> usize {
     }
     n
 }
+
+/// `hook@iface` of a hop in a `vtrace latency --json` report.
+pub fn hop_name(h: &serde_json::Value) -> String {
+    format!(
+        "{}@{}",
+        h["hook"].as_str().unwrap_or(""),
+        h["iface"].as_str().unwrap_or("")
+    )
+}
+
+/// Count-weighted mean of the report's paths that start at `from_iface` and reach `to_iface`,
+/// and how many packets took them.
+pub fn path_mean(report: &serde_json::Value, from_iface: &str, to_iface: &str) -> (f64, u64) {
+    let mut sum = 0.0;
+    let mut n = 0u64;
+    for p in report["paths"].as_array().expect("paths") {
+        let hops = p["hops"].as_array().expect("hops");
+        let starts = hops.first().is_some_and(|h| h["iface"] == from_iface);
+        let reaches = hops.iter().any(|h| h["iface"] == to_iface);
+        if starts && reaches {
+            let c = p["count"].as_u64().unwrap_or(0);
+            sum += p["mean_ns"].as_f64().unwrap_or(0.0) * c as f64;
+            n += c;
+        }
+    }
+    assert!(n > 0, "no path from {from_iface} to {to_iface} in {report}");
+    (sum / n as f64, n)
+}

@@ -122,6 +122,13 @@ pub struct KernelOffsets {
     /// `net.ns.inum`: the network namespace's inode number, as `ip netns identify` and
     /// `/proc/<pid>/ns/net` show it.
     pub net_ns_inum: u32,
+    /// `sk_buff.skb_iif`: the ifindex of the device the packet last arrived on.
+    pub sk_buff_skb_iif: u32,
+    /// `sk_buff.sk`: the owning socket, if any.
+    pub sk_buff_sk: u32,
+    /// `sock.__sk_common.skc_net`: the socket's network namespace (`struct net *`).
+    pub sock_net: u32,
+    pub _pad: u32,
 }
 
 /// `Config::flags` bits.
@@ -173,6 +180,10 @@ impl Config {
                 net_device_ifindex: 0,
                 net_device_nd_net: 0,
                 net_ns_inum: 0,
+                sk_buff_skb_iif: 0,
+                sk_buff_sk: 0,
+                sock_net: 0,
+                _pad: 0,
             },
             flags: 0,
             sample_every: 1,
@@ -220,6 +231,14 @@ pub mod hop_flags {
     pub const FIRST: u32 = 1 << 0;
 }
 
+/// `DropKey::flags` bits.
+pub mod drop_flags {
+    /// The skb had no device at the drop (`skb->dev` NULL, e.g. purged from a socket queue):
+    /// `ifindex` is the device it last arrived on (`skb->skb_iif`) and `netns` its socket's
+    /// namespace; the name is left for userspace to resolve.
+    pub const ARRIVAL_DEVICE: u32 = 1 << 0;
+}
+
 /// Key of the in-kernel drop aggregation: one row per device, reason and location.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -228,12 +247,13 @@ pub struct DropKey {
     pub ifindex: u32,
     pub netns: u32,
     pub reason: u32,
-    pub _pad: u32,
+    /// `drop_flags` bits.
+    pub flags: u32,
     pub ifname: [u8; IFNAMSIZ],
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 40);
-const _: () = assert!(core::mem::size_of::<Config>() == 40 + 20 + 16 + 16 * MAX_IFACE_FILTERS);
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 56);
+const _: () = assert!(core::mem::size_of::<Config>() == 56 + 20 + 16 + 16 * MAX_IFACE_FILTERS);
 const _: () = assert!(core::mem::size_of::<HopEvent>() == 80);
 const _: () = assert!(core::mem::size_of::<DropKey>() == 40);
 

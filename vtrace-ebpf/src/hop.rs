@@ -4,7 +4,7 @@ use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
 use vtrace_common::{
     flags,
     packet::{self, Filter},
-    hop_flags, Counter, DropKey, Hook, HopEvent, IFNAMSIZ,
+    drop_flags, hop_flags, Counter, DropKey, Hook, HopEvent, IFNAMSIZ,
 };
 
 use crate::{
@@ -193,9 +193,13 @@ pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
     if let Some(reason) = reason {
         if fl & flags::DROPS != 0 {
             let dev = kernel::skb_dev(skb);
-            let info = kernel::dev_info(dev, kernel::dev_ifindex(dev));
-            count_drop(&info, reason, location);
-            dev_info = Some(info);
+            if dev != 0 {
+                let info = kernel::dev_info(dev, kernel::dev_ifindex(dev));
+                count_drop(&info, reason, location, 0);
+                dev_info = Some(info);
+            } else {
+                count_drop(&kernel::arrival_info(skb), reason, location, drop_flags::ARRIVAL_DEVICE);
+            }
         }
     }
     if fl & flags::TRACK == 0 {
@@ -222,13 +226,13 @@ pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
 }
 
 #[inline(always)]
-fn count_drop(info: &kernel::DevInfo, reason: u32, location: u64) {
+fn count_drop(info: &kernel::DevInfo, reason: u32, location: u64, flags: u32) {
     let key = DropKey {
         location,
         ifindex: info.ifindex,
         netns: info.netns,
         reason,
-        _pad: 0,
+        flags,
         ifname: info.name,
     };
     match DROPS.get_ptr_mut(&key) {

@@ -76,6 +76,25 @@ pub fn dev_info(dev: u64, ifindex: u32) -> DevInfo {
     info
 }
 
+/// For an skb without a device (a drop after the stack let go of `skb->dev`, e.g. a socket
+/// queue purge): the device it last arrived on (`skb->skb_iif`, set by
+/// `__netif_receive_skb_core`) and, through its socket, the network namespace that ifindex
+/// belongs to. The name is resolved in userspace.
+#[inline(always)]
+pub fn arrival_info(skb: u64) -> DevInfo {
+    // SAFETY: see `read`.
+    unsafe {
+        let ifindex = read::<u32>(skb, conf!(offsets.sk_buff_skb_iif)).unwrap_or(0);
+        let mut netns = 0;
+        if let Some(sk) = read::<u64>(skb, conf!(offsets.sk_buff_sk)).filter(|sk| *sk != 0) {
+            if let Some(net) = read::<u64>(sk, conf!(offsets.sock_net)) {
+                netns = read::<u32>(net, conf!(offsets.net_ns_inum)).unwrap_or(0);
+            }
+        }
+        DevInfo { ifindex, netns, name: [0; IFNAMSIZ] }
+    }
+}
+
 /// The packet's headers, read from the skb's linear data.
 pub struct Headers {
     pub l3: packet::L3,

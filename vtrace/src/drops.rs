@@ -33,6 +33,14 @@ pub struct DropEntry {
     pub location: String,
     pub count: u64,
     pub reason_code: u32,
+    /// `at_drop`: skb->dev when it was dropped; `arrival`: it had none then, and this is the
+    /// device it last arrived on (skb->skb_iif). Only `arrival` is written out.
+    #[serde(skip_serializing_if = "is_at_drop")]
+    pub device: &'static str,
+}
+
+fn is_at_drop(device: &&str) -> bool {
+    *device == "at_drop"
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -64,6 +72,7 @@ pub struct Resolver {
     reasons: BTreeMap<u32, String>,
     kallsyms: Option<Kallsyms>,
     namer: IfaceNamer,
+    arrival_names: HashMap<(u32, u32), String>,
 }
 
 impl Resolver {
@@ -73,6 +82,7 @@ impl Resolver {
             reasons: kernel::drop_reasons(&btf)?,
             kallsyms: Kallsyms::load().ok(),
             namer: IfaceNamer::new(),
+            arrival_names: HashMap::new(),
         })
     }
 
@@ -104,13 +114,24 @@ impl Resolver {
             }
             let iface = if row.ifindex == 0 {
                 "unknown".to_string()
+            } else if row.arrival {
+                // No device at the drop: the one it last arrived on, named now.
+                let (ifindex, netns) = (row.ifindex, row.netns);
+                self.arrival_names
+                    .entry((ifindex, netns))
+                    .or_insert_with(|| {
+                        netdev::name_of(ifindex, netns)
+                            .unwrap_or_else(|| format!("ifindex:{ifindex}"))
+                    })
+                    .clone()
             } else {
                 let mut name = [0u8; 16];
                 let b = row.ifname.as_bytes();
                 name[..b.len().min(15)].copy_from_slice(&b[..b.len().min(15)]);
                 self.namer.name(&name, row.netns).to_string()
             };
-            if !only.is_empty() && !only.iter().any(|o| *o == row.ifname) {
+            let base = iface.split('@').next().unwrap_or("");
+            if !only.is_empty() && !only.iter().any(|o| o == base) {
                 continue;
             }
             let location = self.location(row.location);
@@ -122,6 +143,7 @@ impl Resolver {
                     location,
                     count: 0,
                     reason_code: row.reason,
+                    device: if row.arrival { "arrival" } else { "at_drop" },
                 });
             e.count += count;
         }
@@ -290,10 +312,22 @@ pub fn render(r: &DropsReport) -> String {
         "iface", "reason", "location", "count"
     );
     for d in &r.drops {
+        // `<` marks a drop without a device: the one it arrived on.
+        let iface = if d.device == "arrival" {
+            format!("{}<", d.iface)
+        } else {
+            d.iface.clone()
+        };
         let _ = writeln!(
             s,
             "{:<24} {:<28} {:<36} {:>10}",
-            d.iface, d.reason, d.location, d.count
+            iface, d.reason, d.location, d.count
+        );
+    }
+    if r.drops.iter().any(|d| d.device == "arrival") {
+        let _ = writeln!(
+            s,
+            "(< no device at the drop: the device the packet arrived on)"
         );
     }
     let _ = writeln!(

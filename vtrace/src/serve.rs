@@ -750,6 +750,7 @@ mod tests {
                 location: "udp_queue_rcv_one_skb+0x12".into(),
                 count: 3,
                 reason_code: 3,
+                device: "at_drop",
             }],
             sample_every: 16,
             ..Snapshot::default()

@@ -198,6 +198,7 @@ impl Tracer {
                 netns: key.netns,
                 reason: key.reason,
                 location: key.location,
+                arrival: key.flags & vtrace_common::drop_flags::ARRIVAL_DEVICE != 0,
             };
             *out.entry(row).or_insert(0) += values.iter().sum::<u64>();
         }
@@ -213,6 +214,8 @@ pub struct DropRow {
     pub netns: u32,
     pub reason: u32,
     pub location: u64,
+    /// The skb had no device at the drop: `ifindex` is where it last arrived (`skb_iif`).
+    pub arrival: bool,
 }
 
 /// The per-CPU counters, summed.

@@ -347,3 +347,49 @@ fn clones_for_a_packet_socket_are_not_double_counted() {
     );
     assert_eq!(no_socket, 100, "NO_SOCKET drops on {iface}");
 }
+
+/// A drop where the kernel no longer knows the device: frames queued on a packet socket that
+/// is closed unread are purged with `skb->dev` unset. vtrace names the device they last
+/// arrived on (skb->skb_iif, in the socket's namespace) instead of "unknown"; the UDP port is
+/// closed, so the receiver also sends ICMP replies, which the socket sees leave.
+#[test]
+fn drops_without_a_device_name_where_the_packet_arrived() {
+    let lab = Lab::up(LabOptions::new()).expect("lab up");
+    let n = lab.native().clone();
+    let dst = SocketAddrV4::new(n.receiver_ip, 9);
+    let tap = packet_socket_in(&n.receiver_ns);
+    let tracer = start_drops(3);
+    assert_eq!(
+        send_udp(&n.sender_ns, dst, 20, Duration::from_millis(1)),
+        20
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    drop(tap); // closed unread: its queue is purged
+    let report = report_of(tracer);
+    print_drops("queue purge", &report);
+    let iface = format!("eth0@{}", n.receiver_ns);
+    let purged: Vec<&Value> = report["drops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["reason"] == "QUEUE_PURGE")
+        .collect();
+    let on_eth0: u64 = purged
+        .iter()
+        .filter(|d| d["iface"] == iface.as_str())
+        .map(|d| d["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        on_eth0, 20,
+        "the 20 datagrams that arrived on {iface}: {purged:?}"
+    );
+    // The rest are the receiver's own ICMP port-unreachable replies, which the packet socket
+    // saw leave: they never arrived on any device, so "unknown" is the truth for them.
+    for d in &purged {
+        assert_eq!(d["device"], "arrival", "{d}");
+        assert!(
+            d["iface"] == iface.as_str() || d["iface"] == "unknown",
+            "{d}"
+        );
+    }
+}

@@ -33,6 +33,11 @@ pub fn resolve_offsets(btf: &btf::Btf) -> Result<KernelOffsets> {
         // CONFIG_NET_NS); nd_net.net is at nd_net's offset either way.
         net_device_nd_net: off("net_device", "nd_net")? + off("possible_net_t", "net").unwrap_or(0),
         net_ns_inum: off("net", "ns.inum")?,
+        sk_buff_skb_iif: off("sk_buff", "skb_iif")?,
+        sk_buff_sk: off("sk_buff", "sk")?,
+        // sock_common's skc_net is a possible_net_t: its `net` pointer is at its start.
+        sock_net: off("sock", "__sk_common.skc_net")? + off("possible_net_t", "net").unwrap_or(0),
+        _pad: 0,
     })
 }
 

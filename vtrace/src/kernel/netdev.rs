@@ -35,31 +35,64 @@ impl DropCounters {
     }
 }
 
+/// One device as rtnetlink lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Link {
+    pub ifindex: u32,
+    pub name: String,
+    pub counters: DropCounters,
+}
+
 /// Counters of every device in vtrace's network namespace (bare names) and in every namespace
 /// under /var/run/netns (`name@netns`, as vtrace names them in reports).
 pub fn snapshot() -> BTreeMap<String, DropCounters> {
-    let mut out: BTreeMap<String, DropCounters> =
-        dump_links().unwrap_or_default().into_iter().collect();
+    let mut out: BTreeMap<String, DropCounters> = dump_links()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|l| (l.name, l.counters))
+        .collect();
     for ns in netns_names().into_values() {
-        let path = std::path::Path::new("/var/run/netns").join(&ns);
-        // setns affects only the calling thread: do it in a thread of its own.
-        let links = std::thread::spawn(move || -> std::io::Result<Vec<(String, DropCounters)>> {
-            let f = std::fs::File::open(&path)?;
-            // SAFETY: a valid namespace fd; CLONE_NEWNET moves only this thread.
-            if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            dump_links()
-        })
-        .join();
-        if let Ok(Ok(links)) = links {
-            for (name, c) in links {
-                out.insert(format!("{name}@{ns}"), c);
+        if let Ok(links) = links_in(&ns) {
+            for l in links {
+                out.insert(format!("{}@{ns}", l.name), l.counters);
             }
         }
     }
     out
+}
+
+/// The devices of the named namespace (`ip netns` name).
+fn links_in(ns: &str) -> std::io::Result<Vec<Link>> {
+    let path = std::path::Path::new("/var/run/netns").join(ns);
+    // setns affects only the calling thread: do it in a thread of its own.
+    std::thread::spawn(move || -> std::io::Result<Vec<Link>> {
+        let f = std::fs::File::open(&path)?;
+        // SAFETY: a valid namespace fd; CLONE_NEWNET moves only this thread.
+        if unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        dump_links()
+    })
+    .join()
+    .unwrap_or_else(|_| Err(std::io::Error::other("netlink thread panicked")))
+}
+
+/// The name vtrace shows for device `ifindex` of network namespace `netns` (an inode number;
+/// 0 or vtrace's own: this namespace): `name`, or `name@netns` for a named namespace.
+pub fn name_of(ifindex: u32, netns: u32) -> Option<String> {
+    if netns == 0 || netns == own_netns() {
+        return dump_links()
+            .ok()?
+            .into_iter()
+            .find(|l| l.ifindex == ifindex)
+            .map(|l| l.name);
+    }
+    let ns = netns_names().remove(&netns)?;
+    let link = links_in(&ns)
+        .ok()?
+        .into_iter()
+        .find(|l| l.ifindex == ifindex)?;
+    Some(format!("{}@{ns}", link.name))
 }
 
 /// rtnetlink constants (include/uapi/linux/netlink.h, rtnetlink.h, if_link.h).
@@ -75,7 +108,7 @@ const NLMSG_HDRLEN: usize = 16;
 const IFINFOMSG_LEN: usize = 16;
 
 /// Every device of the calling thread's network namespace with its drop counters.
-fn dump_links() -> std::io::Result<Vec<(String, DropCounters)>> {
+fn dump_links() -> std::io::Result<Vec<Link>> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     // SAFETY: plain socket(2); the fd is owned below.
     let raw = unsafe {
@@ -115,7 +148,7 @@ fn dump_links() -> std::io::Result<Vec<(String, DropCounters)>> {
 }
 
 /// Parses one datagram of an RTM_GETLINK dump into `out`; true at NLMSG_DONE.
-pub fn parse_dump(mut b: &[u8], out: &mut Vec<(String, DropCounters)>) -> std::io::Result<bool> {
+pub fn parse_dump(mut b: &[u8], out: &mut Vec<Link>) -> std::io::Result<bool> {
     let bad = || {
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -132,8 +165,18 @@ pub fn parse_dump(mut b: &[u8], out: &mut Vec<(String, DropCounters)>) -> std::i
             NLMSG_DONE => return Ok(true),
             NLMSG_ERROR => return Err(bad()),
             RTM_NEWLINK if len >= NLMSG_HDRLEN + IFINFOMSG_LEN => {
-                if let Some(link) = parse_link(&b[NLMSG_HDRLEN + IFINFOMSG_LEN..len]) {
-                    out.push(link);
+                // struct ifinfomsg: family, pad, type (u16), index (i32), flags, change.
+                let ifindex = u32::from_ne_bytes(
+                    b[NLMSG_HDRLEN + 4..NLMSG_HDRLEN + 8]
+                        .try_into()
+                        .map_err(|_| bad())?,
+                );
+                if let Some((name, counters)) = parse_link(&b[NLMSG_HDRLEN + IFINFOMSG_LEN..len]) {
+                    out.push(Link {
+                        ifindex,
+                        name,
+                        counters,
+                    });
                 }
             }
             _ => {}
@@ -233,6 +276,7 @@ mod tests {
         stats[7 * 8..8 * 8].copy_from_slice(&2_200_538u64.to_ne_bytes());
         stats[15 * 8..16 * 8].copy_from_slice(&9u64.to_ne_bytes());
         let mut body = vec![0u8; IFINFOMSG_LEN];
+        body[4..8].copy_from_slice(&7u32.to_ne_bytes());
         body.extend(attr(IFLA_IFNAME, b"tap0\0"));
         body.extend(attr(IFLA_STATS64, &stats));
         let mut msg = Vec::new();
@@ -247,10 +291,11 @@ mod tests {
         let mut out = Vec::new();
         assert!(parse_dump(&msg, &mut out).unwrap());
         assert_eq!(out.len(), 1);
-        assert_eq!(out[0].0, "tap0");
-        assert_eq!(out[0].1.rx_dropped, 5);
-        assert_eq!(out[0].1.tx_dropped, 2_200_538);
-        assert_eq!(out[0].1.rx_missed_errors, 9);
+        assert_eq!(out[0].name, "tap0");
+        assert_eq!(out[0].ifindex, 7);
+        assert_eq!(out[0].counters.rx_dropped, 5);
+        assert_eq!(out[0].counters.tx_dropped, 2_200_538);
+        assert_eq!(out[0].counters.rx_missed_errors, 9);
         // Cut anywhere: an error or an incomplete parse, never a panic.
         for cut in 0..msg.len() {
             let _ = parse_dump(&msg[..cut], &mut Vec::new());
@@ -261,6 +306,10 @@ mod tests {
     #[test]
     fn dumps_this_namespace() {
         let links = dump_links().expect("rtnetlink answers");
-        assert!(links.iter().any(|(n, _)| n == "lo"), "{links:?}");
+        assert!(
+            links.iter().any(|l| l.name == "lo" && l.ifindex == 1),
+            "{links:?}"
+        );
+        assert_eq!(name_of(1, 0).as_deref(), Some("lo"));
     }
 }

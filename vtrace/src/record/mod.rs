@@ -428,6 +428,8 @@ fn drops_report(trailer: Option<&Trailer>, duration_s: f64, counters: &Counters)
             location: d.location.clone(),
             count: d.count,
             reason_code: d.reason_code,
+            // Record files (format version 1) do not say where the name came from.
+            device: "at_drop",
         })
         .collect();
     drops.sort_by(|a, b| {

@@ -99,9 +99,11 @@ pub enum Counter {
     Sampled = HOOK_COUNT as u32 + 3,
     /// Packets whose headers could not be read (not IPv4/IPv6, header not in the linear area).
     Unparsed = HOOK_COUNT as u32 + 4,
+    /// Hop events the programs tried to send (sent or lost): received + lost == emitted.
+    Emitted = HOOK_COUNT as u32 + 5,
 }
 
-pub const COUNTER_SLOTS: u32 = HOOK_COUNT as u32 + 5;
+pub const COUNTER_SLOTS: u32 = HOOK_COUNT as u32 + 6;
 
 /// Byte offsets of the kernel struct fields the programs read, resolved in userspace from the
 /// running kernel's BTF (`/sys/kernel/btf/vmlinux`) and set as a global before load: aya-ebpf

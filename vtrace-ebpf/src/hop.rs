@@ -256,6 +256,7 @@ fn emit(
     loc: u64,
     hop_flags: u32,
 ) {
+    bump(Counter::Emitted as u32);
     let Some(mut entry) = EVENTS.reserve::<HopEvent>(0) else {
         bump(Counter::LostEvents as u32);
         return;

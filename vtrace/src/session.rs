@@ -110,6 +110,7 @@ pub async fn run(
             _ = drain.tick() => {
                 while let Some(item) = ring.next() {
                     if let Some(ev) = tracer::decode(&item) {
+                        tracer.received += 1;
                         on_event(&ev);
                     }
                 }
@@ -122,15 +123,18 @@ pub async fn run(
             _ = sigterm.recv() => break,
         }
     }
-    // Drain what is left before the final report.
+    // Stop new events, then drain what is left before the final report.
+    let elapsed = started.elapsed();
+    tracer.detach();
     while let Some(item) = ring.next() {
         if let Some(ev) = tracer::decode(&item) {
+            tracer.received += 1;
             on_event(&ev);
         }
     }
-    on_tick(&tracer, started.elapsed(), true)?;
+    on_tick(&tracer, elapsed, true)?;
     drop(ring);
-    drop(tracer); // detaches every hook
+    drop(tracer);
     Ok(())
 }
 

@@ -60,6 +60,10 @@ pub fn program_name(hook: Hook) -> &'static str {
 pub struct Tracer {
     ebpf: Ebpf,
     pub attached: Vec<(Hook, Attachment)>,
+    /// Hop events userspace has read (kept by the session).
+    pub received: u64,
+    /// Program costs read just before `detach`, when the programs are gone.
+    final_costs: Option<Vec<crate::cost::ProgramCost>>,
 }
 
 /// Options for [`Tracer::start`].
@@ -86,6 +90,8 @@ impl Tracer {
         let mut tracer = Tracer {
             ebpf,
             attached: Vec::new(),
+            received: 0,
+            final_costs: None,
         };
         for hook in &opts.hooks {
             let how = tracer.attach(*hook, &btf)?;
@@ -147,6 +153,9 @@ impl Tracer {
     /// Run count and run time of every attached program (non-zero only while BPF statistics
     /// are enabled, see `cost::enable_stats`).
     pub fn program_costs(&self) -> Result<Vec<crate::cost::ProgramCost>> {
+        if let Some(costs) = &self.final_costs {
+            return Ok(costs.clone());
+        }
         let mut out = Vec::new();
         for (hook, how) in &self.attached {
             let name = match how {
@@ -166,6 +175,28 @@ impl Tracer {
             ));
         }
         Ok(out)
+    }
+
+    /// Detaches and unloads every program, keeping the maps: after this no hop event is made,
+    /// so draining the ring buffer once more accounts for every event (received + lost ==
+    /// emitted).
+    pub fn detach(&mut self) {
+        self.final_costs = self.program_costs().ok();
+        for (hook, how) in std::mem::take(&mut self.attached) {
+            let name = match how {
+                Attachment::TpBtf => program_name(hook).to_string(),
+                Attachment::RawTracepoint => format!("{}_raw", program_name(hook)),
+            };
+            if let Some(prog) = self.ebpf.program_mut(&name) {
+                let _ = match prog {
+                    aya::programs::Program::BtfTracePoint(p) => p.unload(),
+                    aya::programs::Program::RawTracePoint(p) => p.unload(),
+                    _ => Ok(()),
+                };
+            }
+        }
+        // A program already running on another CPU finishes within an RCU grace period.
+        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 
     /// Sums of the per-CPU counters.

@@ -196,6 +196,15 @@ fn sanity_under_flood_no_impossible_edge_and_losses_reported() {
         lost > 0,
         "a 16 KiB ring cannot hold a flood's events: the loss must show"
     );
+    // Every event the programs tried to send is accounted for, exactly.
+    let ev = &report["events"];
+    let (emitted, received) = (
+        ev["emitted"].as_u64().unwrap(),
+        ev["received"].as_u64().unwrap(),
+    );
+    println!("events: {emitted} emitted = {received} received + {lost} lost");
+    assert_eq!(ev["lost"].as_u64(), Some(lost));
+    assert_eq!(emitted, received + lost, "{ev}");
 }
 
 /// `--iface` keeps only hops on the named devices.

@@ -209,6 +209,7 @@ mod tests {
             edges,
             paths: vec![path],
             notes: vec![],
+            events: Default::default(),
             cost: vec![],
         }
     }

@@ -139,6 +139,12 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
             if args.cost {
                 report.cost = tracer.program_costs()?;
             }
+            let counters = tracer.counters()?;
+            report.events = report::EventCounts {
+                emitted: counters.get(Counter::Emitted),
+                received: tracer.received,
+                lost: counters.get(Counter::LostEvents),
+            };
             if last {
                 final_report = Some(report);
             } else if live {

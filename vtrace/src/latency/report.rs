@@ -92,9 +92,17 @@ impl Aggregate {
             edges,
             paths,
             notes: Vec::new(),
+            events: EventCounts::default(),
             cost: Vec::new(),
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventCounts {
+    pub emitted: u64,
+    pub received: u64,
+    pub lost: u64,
 }
 
 /// A hook at a device, as users see it.
@@ -198,6 +206,10 @@ pub struct LatencyReport {
     pub paths: Vec<PathReport>,
     #[serde(default)]
     pub notes: Vec<String>,
+    /// Hop events sent by the kernel, read by vtrace, and lost (ring buffer full):
+    /// received + lost == emitted once the run has ended.
+    #[serde(default)]
+    pub events: EventCounts,
     /// vtrace's own cost per hook, with `--cost`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cost: Vec<crate::cost::ProgramCost>,

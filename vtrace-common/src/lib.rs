@@ -37,12 +37,49 @@ pub enum Hook {
     ConsumeSkb = 8,
     /// `skb:kfree_skb`: a free with a drop reason.
     KfreeSkb = 9,
+
+    // The function tier (fentry, else kprobe): kernel functions inside a stage. Only
+    // functions that take the packet at entry are hops; `FunctionArgs` says where it is.
+    /// `br_handle_frame`: a bridge port's rx handler takes the frame.
+    BrHandleFrame = 32,
+    /// `br_forward`: the bridge forwards to one port.
+    BrForward = 33,
+    /// `br_pass_frame_up`: the bridge delivers to the host stack.
+    BrPassFrameUp = 34,
+    /// `br_dev_xmit`: the bridge device transmits.
+    BrDevXmit = 35,
+    /// `tun_net_xmit`: the host queues a frame on a tap's ring.
+    TunNetXmit = 36,
+    /// `tun_do_read`: the VMM (or vhost) reads a frame from a tap.
+    TunDoRead = 37,
+    /// `xenvif_start_xmit`: dom0 queues a packet for a Xen guest (vif).
+    XenvifStartXmit = 38,
+    /// `veth_xmit`: a veth transmits to its peer.
+    VethXmit = 39,
+    /// `start_xmit`: virtio-net transmits.
+    VirtioStartXmit = 40,
 }
 
+/// Number of tracepoint hooks (`Hook` values 0..HOOK_COUNT).
 pub const HOOK_COUNT: usize = 10;
+/// First `Hook` value of the function tier.
+pub const FUNCTION_HOOK_BASE: u32 = 32;
+/// Number of function-tier hooks.
+pub const FUNCTION_HOOK_COUNT: usize = 9;
+
+/// Where a function hook finds the packet and the device among its arguments (0-based).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FunctionArgs {
+    pub skb: usize,
+    /// The argument is `struct sk_buff **` (rx handlers), not `struct sk_buff *`.
+    pub skb_indirect: bool,
+    /// A `struct net_device *` argument, where the function has one.
+    pub dev: Option<usize>,
+}
 
 impl Hook {
-    pub const ALL: [Hook; HOOK_COUNT] = [
+    /// The stable tracepoint tier.
+    pub const TRACEPOINTS: [Hook; HOOK_COUNT] = [
         Hook::NetifReceiveSkb,
         Hook::NetifRx,
         Hook::NapiGroReceiveEntry,
@@ -55,13 +92,46 @@ impl Hook {
         Hook::KfreeSkb,
     ];
 
+    /// The function tier, in `Hook` value order.
+    pub const FUNCTIONS: [Hook; FUNCTION_HOOK_COUNT] = [
+        Hook::BrHandleFrame,
+        Hook::BrForward,
+        Hook::BrPassFrameUp,
+        Hook::BrDevXmit,
+        Hook::TunNetXmit,
+        Hook::TunDoRead,
+        Hook::XenvifStartXmit,
+        Hook::VethXmit,
+        Hook::VirtioStartXmit,
+    ];
+
     pub fn from_u32(v: u32) -> Option<Hook> {
-        Hook::ALL.get(v as usize).copied()
+        if v >= FUNCTION_HOOK_BASE {
+            Hook::FUNCTIONS
+                .get((v - FUNCTION_HOOK_BASE) as usize)
+                .copied()
+        } else {
+            Hook::TRACEPOINTS.get(v as usize).copied()
+        }
     }
 
-    /// The tracepoint's name, as in `/sys/kernel/tracing/events/<group>/<name>`.
-    pub fn tracepoint(self) -> &'static str {
+    pub fn is_function(self) -> bool {
+        self as u32 >= FUNCTION_HOOK_BASE
+    }
+
+    /// The hook's name: the tracepoint's (as in `/sys/kernel/tracing/events/<group>/<name>`)
+    /// or the kernel function's.
+    pub fn name(self) -> &'static str {
         match self {
+            Hook::BrHandleFrame => "br_handle_frame",
+            Hook::BrForward => "br_forward",
+            Hook::BrPassFrameUp => "br_pass_frame_up",
+            Hook::BrDevXmit => "br_dev_xmit",
+            Hook::TunNetXmit => "tun_net_xmit",
+            Hook::TunDoRead => "tun_do_read",
+            Hook::XenvifStartXmit => "xenvif_start_xmit",
+            Hook::VethXmit => "veth_xmit",
+            Hook::VirtioStartXmit => "start_xmit",
             Hook::NetifReceiveSkb => "netif_receive_skb",
             Hook::NetifRx => "netif_rx",
             Hook::NapiGroReceiveEntry => "napi_gro_receive_entry",
@@ -75,8 +145,44 @@ impl Hook {
         }
     }
 
-    /// The tracepoint's group (`net`, `qdisc`, `skb`).
+    /// Function hooks: the positions of the packet and the device among the arguments
+    /// (checked against the running kernel's BTF by vtrace's tests and at attach time).
+    pub const fn function_args(self) -> Option<FunctionArgs> {
+        const fn at(skb: usize, dev: Option<usize>) -> Option<FunctionArgs> {
+            Some(FunctionArgs {
+                skb,
+                skb_indirect: false,
+                dev,
+            })
+        }
+        match self {
+            // rx_handler_result_t br_handle_frame(struct sk_buff **pskb)
+            Hook::BrHandleFrame => Some(FunctionArgs {
+                skb: 0,
+                skb_indirect: true,
+                dev: None,
+            }),
+            // void br_forward(const struct net_bridge_port *to, struct sk_buff *skb, bool, bool)
+            Hook::BrForward => at(1, None),
+            // int br_pass_frame_up(struct sk_buff *skb, bool promisc)
+            Hook::BrPassFrameUp => at(0, None),
+            // netdev_tx_t xxx(struct sk_buff *skb, struct net_device *dev): ndo_start_xmit
+            Hook::BrDevXmit
+            | Hook::TunNetXmit
+            | Hook::XenvifStartXmit
+            | Hook::VethXmit
+            | Hook::VirtioStartXmit => at(0, Some(1)),
+            // ssize_t tun_do_read(tun, tfile, struct iov_iter *to, int noblock, void *ptr)
+            Hook::TunDoRead => at(4, None),
+            _ => None,
+        }
+    }
+
+    /// The group: the tracepoint's (`net`, `qdisc`, `skb`), or `fn` for functions.
     pub fn group(self) -> &'static str {
+        if self.is_function() {
+            return "fn";
+        }
         match self {
             Hook::QdiscDequeue => "qdisc",
             Hook::SkbCopyDatagramIovec | Hook::ConsumeSkb | Hook::KfreeSkb => "skb",
@@ -103,7 +209,10 @@ pub enum Counter {
     Emitted = HOOK_COUNT as u32 + 5,
 }
 
-pub const COUNTER_SLOTS: u32 = HOOK_COUNT as u32 + 6;
+/// Slots of `COUNTERS`: tracepoint hooks, the `Counter`s, then function hooks at their
+/// `Hook` values.
+pub const COUNTER_SLOTS: u32 = FUNCTION_HOOK_BASE + FUNCTION_HOOK_COUNT as u32;
+const _: () = assert!(Counter::Emitted as u32 + 1 <= FUNCTION_HOOK_BASE);
 
 /// Byte offsets of the kernel struct fields the programs read, resolved in userspace from the
 /// running kernel's BTF (`/sys/kernel/btf/vmlinux`) and set as a global before load: aya-ebpf

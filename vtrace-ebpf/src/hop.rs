@@ -96,15 +96,24 @@ pub fn xmit_done_hop(hook: Hook, skb: u64, dev: u64) {
     emit(hook, skb, fingerprint, &info, 0, 0, 0);
 }
 
-/// Slot of the per-CPU hand-over table for an skb (sk_buffs are at least 64-byte aligned).
-#[inline(always)]
-fn slot_of(skb: u64) -> u32 {
-    ((skb >> 6) as u32) & (XMIT_SLOTS_LEN - 1)
-}
-
+/// Leaves the fingerprint of `skb` for `net_dev_xmit` on this CPU, in a free slot (or the
+/// first, if a nesting deeper than the table left none free). The slots are searched rather
+/// than indexed by address bits: a BTF-typed skb pointer allows no arithmetic.
 #[inline(always)]
 fn hand_over(skb: u64, fingerprint: u64) {
-    if let Some(slot) = XMIT_HANDOVER.get_ptr_mut(slot_of(skb)) {
+    let mut target = 0;
+    let mut i = 0;
+    while i < XMIT_SLOTS_LEN {
+        if let Some(slot) = XMIT_HANDOVER.get_ptr(i) {
+            // SAFETY: this CPU's slot, read only.
+            if unsafe { (*slot).skb } == 0 {
+                target = i;
+                break;
+            }
+        }
+        i += 1;
+    }
+    if let Some(slot) = XMIT_HANDOVER.get_ptr_mut(target) {
         // SAFETY: this CPU's slot; tracepoint programs are not preempted by each other here.
         unsafe { *slot = XmitHandOver { skb, fingerprint } };
     }
@@ -112,15 +121,20 @@ fn hand_over(skb: u64, fingerprint: u64) {
 
 #[inline(always)]
 fn take_hand_over(skb: u64) -> Option<u64> {
-    let slot = XMIT_HANDOVER.get_ptr_mut(slot_of(skb))?;
-    // SAFETY: as in `hand_over`.
-    unsafe {
-        if (*slot).skb != skb {
-            return None;
+    let mut i = 0;
+    while i < XMIT_SLOTS_LEN {
+        if let Some(slot) = XMIT_HANDOVER.get_ptr_mut(i) {
+            // SAFETY: as in `hand_over`.
+            unsafe {
+                if (*slot).skb == skb {
+                    (*slot).skb = 0;
+                    return Some((*slot).fingerprint);
+                }
+            }
         }
-        (*slot).skb = 0;
-        Some((*slot).fingerprint)
+        i += 1;
     }
+    None
 }
 
 /// Parses the packet; returns its fingerprint when it passes the filter and the sample.

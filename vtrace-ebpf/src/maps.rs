@@ -28,8 +28,8 @@ pub struct XmitHandOver {
     pub fingerprint: u64,
 }
 
-/// A few slots per CPU, indexed by skb address bits: a transmit can nest (a bridge device's
-/// xmit transmits on its ports) before the outer `net_dev_xmit` fires.
+/// A few slots per CPU: a transmit can nest (a bridge device's xmit transmits on its ports)
+/// before the outer `net_dev_xmit` fires.
 pub const XMIT_SLOTS_LEN: u32 = 8;
 
 #[map]

@@ -24,7 +24,7 @@ pub struct ProgramCost {
 impl ProgramCost {
     pub fn new(hook: Hook, program: &str, runs: u64, run_ns: u64) -> ProgramCost {
         ProgramCost {
-            hook: hook.tracepoint().to_string(),
+            hook: hook.name().to_string(),
             program: program.to_string(),
             runs,
             run_ns,
@@ -81,7 +81,7 @@ pub fn baseline(duration: Duration) -> Result<Vec<ProgramCost>> {
             .program_mut("vt_empty")
             .ok_or_else(|| anyhow!("vt_empty missing from the object"))?
             .try_into()?;
-        prog.load(hook.tracepoint(), &btf)?;
+        prog.load(hook.name(), &btf)?;
         prog.attach()?;
         loaded.push((hook, ebpf));
     }

@@ -213,6 +213,7 @@ pub fn run(args: &DropsArgs) -> Result<()> {
         config,
         hooks: vec![Hook::KfreeSkb],
         ring_bytes: 4096 * 4,
+        functions: false,
     };
     let timing = Timing {
         duration: args.timing.duration.map(Duration::from_secs_f64),

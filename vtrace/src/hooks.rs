@@ -349,10 +349,10 @@ fn status(hp: &HookPoint) -> HookStatus {
 fn probe_tracepoint(ebpf: &mut Ebpf, btf: &Btf, hp: &HookPoint) -> HookStatus {
     let mut st = status(hp);
     let tp_name = hp.name.split(':').nth(1).unwrap_or(hp.name);
-    let Some(hook) = Hook::ALL
+    let Some(hook) = Hook::TRACEPOINTS
         .iter()
         .copied()
-        .find(|h| h.tracepoint() == tp_name)
+        .find(|h| h.name() == tp_name)
     else {
         let present = std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
             && crate::kernel::btf::Btf::from_sys_vmlinux()
@@ -506,7 +506,7 @@ fn probe_device(ebpf: &mut Ebpf, hp: &HookPoint) -> HookStatus {
 }
 
 /// Kprobes need CONFIG_KPROBES; the perf "kprobe" PMU is how they attach.
-fn kprobe_support() -> Result<(), String> {
+pub fn kprobe_support() -> Result<(), String> {
     if std::path::Path::new("/sys/bus/event_source/devices/kprobe/type").exists() {
         Ok(())
     } else {
@@ -528,7 +528,7 @@ fn set_failure(st: &mut HookStatus, e: Failure) {
     st.reason = Some(e.message);
 }
 
-fn try_program<P>(
+pub fn try_program<P>(
     ebpf: &mut Ebpf,
     name: &str,
     f: impl FnOnce(&mut P) -> Result<(), aya::programs::ProgramError>,
@@ -603,36 +603,4 @@ pub fn errno_name(n: i32) -> String {
         _ => return format!("errno {n}"),
     }
     .to_string()
-}
-
-/// One line on the function tier for the commands that trace: whether this kernel allows it
-/// (fentry is tried on a built-in bridge function, kprobes looked for), and which tier is used.
-pub fn function_tier_notice() -> String {
-    let probe = || -> Result<HookStatus> {
-        let btf = Btf::from_sys_fs().map_err(|e| anyhow!("{e}"))?;
-        let info = BtfInfo::from_sys_vmlinux().map_err(|e| anyhow!("{e}"))?;
-        let mut ebpf = load_object()?;
-        let hp = CATALOG
-            .iter()
-            .find(|h| h.tier == Tier::Function && !info.func_names_matching(h.name).is_empty())
-            .ok_or_else(|| anyhow!("no catalogued function in this kernel's BTF"))?;
-        Ok(probe_function(
-            &mut ebpf,
-            &btf,
-            &info,
-            hp,
-            &kprobe_support(),
-        ))
-    };
-    match probe() {
-        Ok(st) if st.status == "available" => format!(
-            "function-tier hooks are allowed here ({}), but latency and drops use the stable tracepoint tier",
-            st.via.unwrap_or("?")
-        ),
-        Ok(st) => format!(
-            "function-tier hooks unavailable on this kernel ({}): using the stable tracepoint tier; `vtrace hooks` has details",
-            st.reason.unwrap_or_default()
-        ),
-        Err(e) => format!("function tier not probed ({e:#}): using the stable tracepoint tier"),
-    }
 }

@@ -58,9 +58,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .iter()
                 .filter(|s| {
                     s.tier == hooks::Tier::Tracepoint
-                        && latency::HOOKS
-                            .iter()
-                            .any(|h| s.hook.ends_with(h.tracepoint()))
+                        && latency::HOOKS.iter().any(|h| s.hook.ends_with(h.name()))
                 })
                 .all(|s| s.status == "available");
             Ok(if tracepoints_ok {

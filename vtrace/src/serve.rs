@@ -290,7 +290,7 @@ fn render(snap: &Snapshot, process: Option<ProcessStats>) -> String {
     for h in latency::HOOKS {
         e.sample(
             "vtrace_hook_packets_total",
-            &[("hook", h.tracepoint())],
+            &[("hook", h.name())],
             snap.counters.hook(h),
         );
     }
@@ -426,9 +426,9 @@ fn snapshot(
         .map(|(from, to, h)| {
             let (buckets, count, sum_ns) = bucketize(h);
             EdgeSeries {
-                from_hook: from.hook.tracepoint(),
+                from_hook: from.hook.name(),
                 from_iface: from.iface.to_string(),
-                to_hook: to.hook.tracepoint(),
+                to_hook: to.hook.name(),
                 to_iface: to.iface.to_string(),
                 buckets,
                 count,
@@ -474,6 +474,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         config,
         hooks: latency::HOOKS.to_vec(),
         ring_bytes: args.ring_kib.saturating_mul(1024),
+        // Function-tier hops only add to tracked packets' paths.
+        functions: true,
     };
     let timing = Timing {
         duration: args.duration.map(Duration::from_secs_f64),

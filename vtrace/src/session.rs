@@ -81,17 +81,20 @@ pub async fn run(
     mut on_event: impl FnMut(&HopEvent),
     mut on_tick: impl FnMut(&Tracer, Duration, bool) -> Result<()>,
 ) -> Result<()> {
-    eprintln!("vtrace: {}", crate::hooks::function_tier_notice());
+    // Handlers first: a SIGTERM while attaching must still end in a clean exit.
+    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
+        .context("installing the SIGINT handler")?;
     let mut tracer = Tracer::start(opts)?;
+    if let Some(line) = function_tier_summary(&tracer) {
+        eprintln!("vtrace: {line}");
+    }
     let mut ring = tracer.take_events()?;
     // The programs submit without waking this process (a wakeup per event costs the kernel
     // microseconds, more than the hop itself): the ring is drained on a short timer instead.
     let mut drain = tokio::time::interval(DRAIN_EVERY);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut sigterm = tokio::signal::unix::signal(SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let mut sigint = tokio::signal::unix::signal(SignalKind::interrupt())
-        .context("installing the SIGINT handler")?;
     let started = Instant::now();
     let deadline = timing.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval_at(
@@ -102,7 +105,7 @@ pub async fn run(
     let how: Vec<String> = tracer
         .attached
         .iter()
-        .map(|(h, a)| format!("{}:{}({})", h.group(), h.tracepoint(), a.name()))
+        .map(|(h, a)| format!("{}:{}({})", h.group(), h.name(), a.name()))
         .collect();
     eprintln!("vtrace: attached {} hooks: {}", how.len(), how.join(" "));
     loop {
@@ -160,4 +163,39 @@ pub fn emit_final<T: serde::Serialize>(
         println!("{}", table());
     }
     Ok(())
+}
+
+/// One line on the function tier: what attached, and why the rest did not (grouped by reason).
+pub fn function_tier_summary(tracer: &Tracer) -> Option<String> {
+    let attached: Vec<String> = tracer
+        .attached
+        .iter()
+        .filter(|(h, _)| h.is_function())
+        .map(|(h, a)| format!("{}({})", h.name(), a.name()))
+        .collect();
+    if attached.is_empty() && tracer.refused.is_empty() {
+        return None;
+    }
+    let mut by_reason: Vec<(&str, Vec<&str>)> = Vec::new();
+    for (hook, why) in &tracer.refused {
+        match by_reason.iter_mut().find(|(r, _)| *r == why.as_str()) {
+            Some((_, hooks)) => hooks.push(hook.name()),
+            None => by_reason.push((why.as_str(), vec![hook.name()])),
+        }
+    }
+    let mut line = format!(
+        "function tier: {} of {} hooks in use",
+        attached.len(),
+        attached.len() + tracer.refused.len()
+    );
+    if !attached.is_empty() {
+        line.push_str(&format!(" ({})", attached.join(" ")));
+    }
+    for (why, hooks) in by_reason {
+        line.push_str(&format!("; {}: {why}", hooks.join(", ")));
+    }
+    if attached.is_empty() {
+        line.push_str(" -- tracing on the stable tracepoint tier only");
+    }
+    Some(line)
 }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{BtfTracePoint, RawTracePoint},
+    programs::{BtfTracePoint, FEntry, KProbe, RawTracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use vtrace_common::{Config, Counter, DropKey, Hook, HopEvent, COUNTER_SLOTS};
@@ -29,6 +29,10 @@ pub enum Attachment {
     TpBtf,
     /// Raw tracepoint: the fallback where tp_btf is refused.
     RawTracepoint,
+    /// fentry on a kernel function (BPF trampoline).
+    Fentry,
+    /// kprobe on a kernel function: the fallback where fentry is refused.
+    Kprobe,
 }
 
 impl Attachment {
@@ -36,7 +40,18 @@ impl Attachment {
         match self {
             Attachment::TpBtf => "tp_btf",
             Attachment::RawTracepoint => "raw_tp",
+            Attachment::Fentry => "fentry",
+            Attachment::Kprobe => "kprobe",
         }
+    }
+}
+
+/// The program that implements `hook` attached as `how` (see vtrace-ebpf/src/stages).
+pub fn program_for(hook: Hook, how: Attachment) -> String {
+    match how {
+        Attachment::TpBtf | Attachment::Fentry => program_name(hook).to_string(),
+        Attachment::RawTracepoint => format!("{}_raw", program_name(hook)),
+        Attachment::Kprobe => format!("{}_kp", program_name(hook)),
     }
 }
 
@@ -53,6 +68,15 @@ pub fn program_name(hook: Hook) -> &'static str {
         Hook::SkbCopyDatagramIovec => "vt_sock_skb_copy_datagram_iovec",
         Hook::ConsumeSkb => "vt_free_consume_skb",
         Hook::KfreeSkb => "vt_free_kfree_skb",
+        Hook::BrHandleFrame => "vt_fn_br_handle_frame",
+        Hook::BrForward => "vt_fn_br_forward",
+        Hook::BrPassFrameUp => "vt_fn_br_pass_frame_up",
+        Hook::BrDevXmit => "vt_fn_br_dev_xmit",
+        Hook::TunNetXmit => "vt_fn_tun_net_xmit",
+        Hook::TunDoRead => "vt_fn_tun_do_read",
+        Hook::XenvifStartXmit => "vt_fn_xenvif_start_xmit",
+        Hook::VethXmit => "vt_fn_veth_xmit",
+        Hook::VirtioStartXmit => "vt_fn_virtio_start_xmit",
     }
 }
 
@@ -60,6 +84,8 @@ pub fn program_name(hook: Hook) -> &'static str {
 pub struct Tracer {
     ebpf: Ebpf,
     pub attached: Vec<(Hook, Attachment)>,
+    /// Function-tier hooks that could not be attached, and why.
+    pub refused: Vec<(Hook, String)>,
     /// Hop events userspace has read (kept by the session).
     pub received: u64,
     /// Program costs read just before `detach`, when the programs are gone.
@@ -72,6 +98,50 @@ pub struct TracerOptions {
     pub hooks: Vec<Hook>,
     /// Ring buffer size in bytes (a power of two multiple of the page size).
     pub ring_bytes: u32,
+    /// Also attach the function tier where the kernel allows it.
+    pub functions: bool,
+}
+
+/// Checks that the running kernel's prototype of a function hook has the packet (and the
+/// device) where the eBPF program reads them (`Hook::function_args`).
+pub fn check_signature(
+    info: &crate::kernel::btf::Btf,
+    hook: Hook,
+) -> std::result::Result<(), String> {
+    let args = hook
+        .function_args()
+        .ok_or_else(|| format!("{} is not a function hook", hook.name()))?;
+    check_args(info, hook.name(), args)
+}
+
+/// Whether function `name`'s prototype has the packet and device where `args` says.
+/// (`tun_do_read` passes the skb as `void *ptr`: tun's ring holds skbs and XDP frames.)
+fn check_args(
+    info: &crate::kernel::btf::Btf,
+    name: &str,
+    args: vtrace_common::FunctionArgs,
+) -> std::result::Result<(), String> {
+    let params = info.func_param_types(name).map_err(|e| e.to_string())?;
+    let want_skb = if args.skb_indirect {
+        "sk_buff**"
+    } else {
+        "sk_buff*"
+    };
+    let ok_skb = params
+        .get(args.skb)
+        .is_some_and(|t| t == want_skb || (name == "tun_do_read" && t == "void*"));
+    let ok_dev = args
+        .dev
+        .is_none_or(|i| params.get(i).is_some_and(|t| t == "net_device*"));
+    if ok_skb && ok_dev {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name}({}) differs from what vtrace reads (packet at argument {}): not attached",
+            params.join(", "),
+            args.skb
+        ))
+    }
 }
 
 impl Tracer {
@@ -90,6 +160,7 @@ impl Tracer {
         let mut tracer = Tracer {
             ebpf,
             attached: Vec::new(),
+            refused: Vec::new(),
             received: 0,
             final_costs: None,
         };
@@ -97,12 +168,120 @@ impl Tracer {
             let how = tracer.attach(*hook, &btf)?;
             tracer.attached.push((*hook, how));
         }
+        if opts.functions {
+            tracer.attach_functions(&btf);
+        }
         Ok(tracer)
+    }
+
+    /// The function tier: every function hook the kernel allows, fentry first, then kprobe.
+    /// A hook that cannot be attached is recorded in `refused` with the reason, and nothing
+    /// of it stays loaded.
+    fn attach_functions(&mut self, btf: &Btf) {
+        let info = match crate::kernel::btf::Btf::from_sys_vmlinux() {
+            Ok(i) => i,
+            Err(e) => {
+                for hook in Hook::FUNCTIONS {
+                    self.refused
+                        .push((hook, format!("cannot read the kernel's BTF: {e}")));
+                }
+                return;
+            }
+        };
+        let kprobes = crate::hooks::kprobe_support();
+        let kallsyms = crate::kernel::kallsyms::Kallsyms::load().ok();
+        for hook in Hook::FUNCTIONS {
+            match self.attach_function(hook, btf, &info, &kprobes, kallsyms.as_ref()) {
+                Ok(how) => self.attached.push((hook, how)),
+                Err(why) => self.refused.push((hook, why)),
+            }
+        }
+    }
+
+    fn attach_function(
+        &mut self,
+        hook: Hook,
+        btf: &Btf,
+        info: &crate::kernel::btf::Btf,
+        kprobes: &Result<(), String>,
+        kallsyms: Option<&crate::kernel::kallsyms::Kallsyms>,
+    ) -> std::result::Result<Attachment, String> {
+        use crate::hooks::{try_program, CATALOG};
+        let name = hook.name();
+        let module = CATALOG
+            .iter()
+            .find(|h| h.name == name)
+            .and_then(|h| h.module);
+        let fentry_said = if info.has_func(name) {
+            check_signature(info, hook)?;
+            match try_program::<FEntry>(
+                &mut self.ebpf,
+                &program_for(hook, Attachment::Fentry),
+                |p| {
+                    p.load(name, btf)?;
+                    p.attach().map(drop)
+                },
+            ) {
+                Ok(()) => return Ok(Attachment::Fentry),
+                Err(e) => {
+                    self.unload(hook, Attachment::Fentry);
+                    format!("fentry: {}", e.message)
+                }
+            }
+        } else {
+            match module {
+                Some(m)
+                    if crate::kernel::btf::Btf::module(m, info).is_ok_and(|b| b.has_func(name)) =>
+                {
+                    // aya 0.14 resolves fentry targets in vmlinux BTF only.
+                    format!("in module {m}: fentry on module functions is not supported yet")
+                }
+                Some(m) => {
+                    return Err(format!(
+                        "not in this kernel (module {m} not loaded, or {name} inlined)"
+                    ))
+                }
+                None => return Err(format!("{name} is not in this kernel's BTF")),
+            }
+        };
+        if let Err(why) = kprobes {
+            return Err(format!("{fentry_said}; kprobe: {why}"));
+        }
+        // kprobes attach by symbol: the function itself, else a compiler variant of it.
+        let symbol = kallsyms
+            .and_then(|k| k.lookup(name).first().map(|s| s.name.clone()))
+            .ok_or_else(|| format!("{fentry_said}; kprobe: {name} not in /proc/kallsyms"))?;
+        match try_program::<KProbe>(
+            &mut self.ebpf,
+            &program_for(hook, Attachment::Kprobe),
+            |p| {
+                p.load()?;
+                p.attach(&symbol, 0).map(drop)
+            },
+        ) {
+            Ok(()) => Ok(Attachment::Kprobe),
+            Err(e) => {
+                self.unload(hook, Attachment::Kprobe);
+                Err(format!("{fentry_said}; kprobe: {}", e.message))
+            }
+        }
+    }
+
+    fn unload(&mut self, hook: Hook, how: Attachment) {
+        if let Some(prog) = self.ebpf.program_mut(&program_for(hook, how)) {
+            let _ = match prog {
+                aya::programs::Program::FEntry(p) => p.unload(),
+                aya::programs::Program::KProbe(p) => p.unload(),
+                aya::programs::Program::BtfTracePoint(p) => p.unload(),
+                aya::programs::Program::RawTracePoint(p) => p.unload(),
+                _ => Ok(()),
+            };
+        }
     }
 
     fn attach(&mut self, hook: Hook, btf: &Btf) -> Result<Attachment> {
         let name = program_name(hook);
-        let tp = hook.tracepoint();
+        let tp = hook.name();
         let btf_err = match self.try_tp_btf(name, tp, btf) {
             Ok(()) => return Ok(Attachment::TpBtf),
             Err(e) => e,
@@ -158,10 +337,7 @@ impl Tracer {
         }
         let mut out = Vec::new();
         for (hook, how) in &self.attached {
-            let name = match how {
-                Attachment::TpBtf => program_name(*hook).to_string(),
-                Attachment::RawTracepoint => format!("{}_raw", program_name(*hook)),
-            };
+            let name = program_for(*hook, *how);
             let info = self
                 .ebpf
                 .program(&name)
@@ -183,17 +359,7 @@ impl Tracer {
     pub fn detach(&mut self) {
         self.final_costs = self.program_costs().ok();
         for (hook, how) in std::mem::take(&mut self.attached) {
-            let name = match how {
-                Attachment::TpBtf => program_name(hook).to_string(),
-                Attachment::RawTracepoint => format!("{}_raw", program_name(hook)),
-            };
-            if let Some(prog) = self.ebpf.program_mut(&name) {
-                let _ = match prog {
-                    aya::programs::Program::BtfTracePoint(p) => p.unload(),
-                    aya::programs::Program::RawTracePoint(p) => p.unload(),
-                    _ => Ok(()),
-                };
-            }
+            self.unload(hook, how);
         }
         // A program already running on another CPU finishes within an RCU grace period.
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -250,9 +416,17 @@ pub struct DropRow {
 }
 
 /// The per-CPU counters, summed.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct Counters {
     pub slots: [u64; COUNTER_SLOTS as usize],
+}
+
+impl Default for Counters {
+    fn default() -> Self {
+        Counters {
+            slots: [0; COUNTER_SLOTS as usize],
+        }
+    }
 }
 
 impl Counters {
@@ -287,5 +461,45 @@ pub fn hint(err: &str) -> &'static str {
         " (the kernel refused the program: see the verifier log above, and check kernel version >= 5.5 for tp_btf)"
     } else {
         ""
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The argument positions the function-tier programs read, against this kernel's BTF:
+    /// every function hook built into this kernel must match, and a wrong position is caught.
+    #[test]
+    fn function_hook_arguments_match_this_kernels_btf() {
+        let info = crate::kernel::btf::Btf::from_sys_vmlinux().expect("BTF");
+        let mut checked = Vec::new();
+        for hook in Hook::FUNCTIONS {
+            if info.has_func(hook.name()) {
+                check_signature(&info, hook).unwrap_or_else(|e| panic!("{e}"));
+                checked.push(hook.name());
+            }
+        }
+        // bridge, tun, veth and virtio-net are built into this kernel; xen-netback is not.
+        for f in [
+            "br_handle_frame",
+            "br_forward",
+            "br_pass_frame_up",
+            "br_dev_xmit",
+            "tun_net_xmit",
+            "tun_do_read",
+            "veth_xmit",
+            "start_xmit",
+        ] {
+            assert!(
+                checked.contains(&f),
+                "{f} not in this kernel's BTF: {checked:?}"
+            );
+        }
+        let wrong = Hook::BrHandleFrame.function_args().unwrap();
+        assert!(
+            check_args(&info, "br_forward", wrong).is_err(),
+            "a pointer-to-pointer is not br_forward's argument 0"
+        );
     }
 }

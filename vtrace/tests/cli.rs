@@ -196,31 +196,73 @@ fn sigterm_and_sigint_detach_within_a_second() {
 }
 
 /// Where the function tier is refused (fentry EPERM, no kprobes here), tracing commands say so
-/// in one line and run on the tracepoint tier, leaving nothing of the refused tier behind.
+/// in one line, run on the tracepoint tier (tp_btf, as `vtrace hooks` found it), and keep
+/// nothing of the refused tier loaded.
 #[test]
 fn tracing_degrades_to_the_tracepoint_tier_with_a_notice() {
-    let out = common::run(&["drops", "--duration", "1", "--json"]);
+    let hooks: Value = serde_json::from_slice(&common::run(&["hooks", "--json"]).stdout).unwrap();
+    let hooks = hooks["hooks"].as_array().unwrap().clone();
+    let fentry_refused_here = hooks.iter().any(|h| h["errno"] == "EPERM");
+    let running = common::start(&["latency", "--duration", "3", "--json"]);
+    // While it runs: the tracepoint programs are loaded, no function-tier program is.
+    let out = Command::new("bpftool")
+        .args(["-j", "prog", "show"])
+        .output()
+        .unwrap();
+    let progs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = progs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    let function_progs = names.iter().filter(|n| n.starts_with("vt_fn_")).count();
+    if fentry_refused_here {
+        assert_eq!(
+            function_progs, 0,
+            "refused function hooks left loaded: {names:?}"
+        );
+    } else {
+        println!(
+            "note: this kernel allows fentry; {function_progs} function-tier programs attached"
+        );
+    }
+    let out = running.finish();
+    assert!(serde_json::from_str::<Value>(&out).is_ok());
+    assert_eq!(common::wait_unloaded(5), 0);
+}
+
+/// The notice itself, and that the tracepoint hooks attach as `vtrace hooks` said they can.
+#[test]
+fn the_function_tier_notice_and_the_tracepoint_attachments() {
+    let hooks: Value = serde_json::from_slice(&common::run(&["hooks", "--json"]).stdout).unwrap();
+    let hooks = hooks["hooks"].as_array().unwrap().clone();
+    let out = common::run(&["latency", "--duration", "1", "--json"]);
     assert!(out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     let notice: Vec<&str> = err
         .lines()
-        .filter(|l| l.contains("function-tier"))
+        .filter(|l| l.contains("function tier:"))
         .collect();
     assert_eq!(notice.len(), 1, "one line about the function tier: {err}");
-    assert!(notice[0].contains("stable tracepoint tier"), "{err}");
-    let fentry_refused = common::run(&["hooks", "--json"]);
-    let v: Value = serde_json::from_slice(&fentry_refused.stdout).unwrap();
-    if v["hooks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|h| h["errno"] == "EPERM")
-    {
-        assert!(notice[0].contains("unavailable"), "{err}");
+    if hooks.iter().any(|h| h["errno"] == "EPERM") {
+        assert!(notice[0].contains("0 of 9 hooks in use"), "{err}");
+        assert!(notice[0].contains("stable tracepoint tier only"), "{err}");
+        assert!(notice[0].contains("EPERM"), "the reason is named: {err}");
     }
-    assert!(
-        err.contains("skb:kfree_skb(tp_btf)") || err.contains("skb:kfree_skb(raw_tp)"),
-        "{err}"
-    );
-    assert_eq!(common::wait_unloaded(5), 0);
+    let attached = err
+        .lines()
+        .find(|l| l.contains("vtrace: attached"))
+        .expect("attached line");
+    for h in hooks
+        .iter()
+        .filter(|h| h["tier"] == "tracepoint" && h["via"].is_string())
+    {
+        let want = format!(
+            "{}({})",
+            h["hook"].as_str().unwrap(),
+            h["via"].as_str().unwrap()
+        );
+        assert!(attached.contains(&want), "{want} expected in: {attached}");
+    }
 }

@@ -199,7 +199,7 @@ pub(crate) fn start_vtrace(bin: &Path, args: &[&str]) -> Result<Child> {
     let mut lines = BufReader::new(stderr).lines();
     loop {
         match lines.next() {
-            Some(Ok(l)) if l.contains("attached") => break,
+            Some(Ok(l)) if l.starts_with("vtrace: attached") => break,
             Some(Ok(l)) => eprintln!("{l}"),
             _ => {
                 let _ = child.kill();

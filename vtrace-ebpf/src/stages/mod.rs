@@ -2,6 +2,7 @@
 //! raw-tracepoint fallback for kernels without `tp_btf` for that tracepoint.
 
 mod free;
+mod functions;
 mod probe;
 mod rx;
 mod socket;

@@ -647,6 +647,46 @@ impl Btf {
         names
     }
 
+    /// The parameter types of function `name` (BTF_KIND_FUNC → FUNC_PROTO), rendered short:
+    /// `sk_buff*` for `struct sk_buff *`, `sk_buff**`, `int`; qualifiers and tags dropped,
+    /// typedefs by name. vtrace checks the argument positions its function hooks read against
+    /// this, so a kernel whose signature moved is caught, not misread.
+    pub fn func_param_types(&self, name: &str) -> Result<Vec<String>, BtfError> {
+        let func = self
+            .types()
+            .find(|t| t.kind() == kind::FUNC && self.name_is(t.raw.name_off, name))
+            .ok_or_else(|| BtfError::StructNotFound {
+                struct_name: name.to_string(),
+                member: None,
+            })?;
+        let proto = self
+            .ty(func.raw.size_or_type)
+            .filter(|t| t.kind() == kind::FUNC_PROTO)
+            .ok_or_else(|| malformed(format!("function {name} has no prototype")))?;
+        (0..proto.raw.vlen() as usize)
+            .map(|i| Ok(self.short_type_name(proto.word(i * 2 + 1)?, 0)))
+            .collect()
+    }
+
+    fn short_type_name(&self, id: u32, depth: u32) -> String {
+        if id == 0 {
+            return "void".into();
+        }
+        let Some(t) = self.ty(id) else {
+            return "?".into();
+        };
+        if depth > 16 {
+            return "?".into();
+        }
+        match t.kind() {
+            kind::PTR => format!("{}*", self.short_type_name(t.raw.size_or_type, depth + 1)),
+            kind::CONST | kind::VOLATILE | kind::RESTRICT | kind::TYPE_TAG => {
+                self.short_type_name(t.raw.size_or_type, depth + 1)
+            }
+            _ => self.type_name(&t).into_owned(),
+        }
+    }
+
     // ---- internals ----
 
     /// Decodes the constants of an ENUM (`struct btf_enum { name_off, val }`)

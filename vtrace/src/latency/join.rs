@@ -364,7 +364,7 @@ mod tests {
             .filter_map(|o| match o {
                 Observation::Path { hops, ns } => Some((
                     hops.iter()
-                        .map(|p| format!("{}@{}", p.hook.tracepoint(), p.iface))
+                        .map(|p| format!("{}@{}", p.hook.name(), p.iface))
                         .collect(),
                     ns,
                 )),

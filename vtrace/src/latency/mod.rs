@@ -18,7 +18,7 @@ use join::{HopIn, Joiner};
 use report::{Aggregate, LatencyReport};
 
 /// The hooks `latency` attaches: the stable tracepoint tier.
-pub const HOOKS: [Hook; 10] = Hook::ALL;
+pub const HOOKS: [Hook; 10] = Hook::TRACEPOINTS;
 
 /// Whether a hop names its own device. A reader's copy and a normal free have none (they take
 /// the device the skb was last seen on); a drop names the device it happened at, when the
@@ -110,6 +110,8 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
         config,
         hooks: HOOKS.to_vec(),
         ring_bytes: args.ring_kib.saturating_mul(1024),
+        // Function-tier hops only add to tracked packets' paths.
+        functions: true,
     };
     let timing = Timing {
         duration: args.duration.map(Duration::from_secs_f64),

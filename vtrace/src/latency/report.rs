@@ -115,7 +115,7 @@ pub struct HopRef {
 impl HopRef {
     fn of(p: &Point) -> HopRef {
         HopRef {
-            hook: p.hook.tracepoint().to_string(),
+            hook: p.hook.name().to_string(),
             iface: p.iface.to_string(),
         }
     }

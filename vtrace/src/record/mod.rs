@@ -175,6 +175,8 @@ pub fn record(args: &RecordArgs) -> Result<()> {
         config,
         hooks: latency::HOOKS.to_vec(),
         ring_bytes: args.ring_kib.saturating_mul(1024),
+        // Function-tier hops only add to tracked packets' paths.
+        functions: true,
     };
     let timing = Timing {
         duration: args.duration.map(Duration::from_secs_f64),

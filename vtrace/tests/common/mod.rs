@@ -31,7 +31,7 @@ pub fn start(args: &[&str]) -> Running {
     std::thread::spawn(move || {
         let mut ready = Some(ready_tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("attached") {
+            if line.starts_with("vtrace: attached") {
                 if let Some(r) = ready.take() {
                     let _ = r.send(());
                 }

@@ -685,9 +685,11 @@ fn clean_leftovers(pfx: &str, include_live: bool) -> Result<CleanReport> {
         live_ids()
     };
     let mut report = CleanReport::default();
+    // Only objects of a lab that claimed its id (an owner file, live or stale): a host device
+    // that merely looks like a lab name (a bridge `vlan100`) is never touched.
     let selected = |name: &str| -> Option<String> {
         let id = lab_id_of(name)?;
-        (name.starts_with(pfx)).then(|| id.to_string())
+        (name.starts_with(pfx) && owner_file(id).exists()).then(|| id.to_string())
     };
     let mut skipped = BTreeSet::new();
 

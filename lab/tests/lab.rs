@@ -273,9 +273,25 @@ fn a_panicking_test_still_tears_its_lab_down() {
 #[test]
 fn clean_removes_leftovers_of_dead_runs_but_not_live_labs() {
     require_root();
-    // Leftovers of a "crashed" run: no owner file, a namespace, a veth into it, a bridge.
+    // Leftovers of a "crashed" run: its owner file naming a dead process, a namespace, a veth
+    // into it, a bridge.
     let id = Lab::unique_id();
     let p = format!("vl{id}");
+    // Lab-shaped names without an owner file (a host's own `vlan100`-like devices) are never
+    // touched: first clean with no owner file at all.
+    run(
+        "ip",
+        &["link", "add", "name", &format!("{p}bn"), "type", "bridge"],
+    );
+    let report = Lab::clean_leftovers(&p, false).expect("clean");
+    assert!(
+        report.devices.is_empty(),
+        "no owner file, nothing removed: {report:?}"
+    );
+    run("ip", &["link", "del", "dev", &format!("{p}bn")]);
+    std::fs::create_dir_all("/run/vtrace-lab").expect("owner dir");
+    // Above any pid_max: a process that cannot be alive.
+    std::fs::write(owner_file(&id), "999999999\n").expect("stale owner file");
     run("ip", &["netns", "add", &format!("{p}-na")]);
     run(
         "ip",

@@ -191,28 +191,42 @@ impl Hook {
     }
 }
 
-/// Indexes into the per-CPU `COUNTERS` array after the per-hook packet counts.
+/// What the per-CPU `COUNTERS` array counts, per hook. Each hook's program counts into a row
+/// of its own (`counter_slot`), so no two programs ever write the same slot: a plain add is
+/// exact without atomics (the kernel never runs a program nested in itself on one CPU, and
+/// a softirq program interrupting a process-context one writes another row).
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
+    /// Every packet at the hook.
+    Packets = 0,
     /// Hop events that did not fit in the ring buffer.
-    LostEvents = HOOK_COUNT as u32,
+    LostEvents = 1,
     /// Sampled packets whose skb could not be added to the tracking map.
-    TrackInsertFailed = HOOK_COUNT as u32 + 1,
+    TrackInsertFailed = 2,
     /// Drops that could not be added to the drop map.
-    DropInsertFailed = HOOK_COUNT as u32 + 2,
+    DropInsertFailed = 3,
     /// Entry hops (see vtrace-ebpf's `Role::Entry`) of packets chosen by the 1-in-N sample.
-    Sampled = HOOK_COUNT as u32 + 3,
+    Sampled = 4,
     /// Packets whose headers could not be read (not IPv4/IPv6, header not in the linear area).
-    Unparsed = HOOK_COUNT as u32 + 4,
+    Unparsed = 5,
     /// Hop events the programs tried to send (sent or lost): received + lost == emitted.
-    Emitted = HOOK_COUNT as u32 + 5,
+    Emitted = 6,
 }
 
-/// Slots of `COUNTERS`: tracepoint hooks, the `Counter`s, then function hooks at their
-/// `Hook` values.
-pub const COUNTER_SLOTS: u32 = FUNCTION_HOOK_BASE + FUNCTION_HOOK_COUNT as u32;
-const _: () = assert!(Counter::Emitted as u32 + 1 <= FUNCTION_HOOK_BASE);
+/// Counters per hook row.
+pub const COUNTERS_PER_HOOK: u32 = 8;
+/// Rows: one per `Hook` value (tracepoints from 0, functions from `FUNCTION_HOOK_BASE`).
+pub const HOOK_ROWS: u32 = FUNCTION_HOOK_BASE + FUNCTION_HOOK_COUNT as u32;
+/// Slots of `COUNTERS`.
+pub const COUNTER_SLOTS: u32 = HOOK_ROWS * COUNTERS_PER_HOOK;
+const _: () = assert!((Counter::Emitted as u32) < COUNTERS_PER_HOOK);
+
+/// The slot of counter `c` in hook `hook`'s row.
+#[inline(always)]
+pub const fn counter_slot(hook: u32, c: Counter) -> u32 {
+    hook * COUNTERS_PER_HOOK + c as u32
+}
 
 /// Byte offsets of the kernel struct fields the programs read, resolved in userspace from the
 /// running kernel's BTF (`/sys/kernel/btf/vmlinux`) and set as a global before load: aya-ebpf

@@ -39,61 +39,67 @@ pub enum Role {
 /// cost a parse and a hash at entry hooks and one lookup at transit hooks.
 #[inline(always)]
 pub fn device_hop(hook: Hook, role: Role, skb: u64, dev: u64) {
-    bump(hook as u32);
+    bump(hook, Counter::Packets);
     if conf!(flags) & flags::TRACK == 0 {
         return;
     }
-    let (fingerprint, first) = match role {
-        Role::Transit => match tracked(skb) {
-            Some(fp) => (fp, false),
-            None => return,
-        },
-        Role::Entry => match sampled_packet(skb) {
-            Some(fp) => {
-                // Is this skb already tracked with this content? A missing entry, or one with
-                // other content (the address was reused after a free that has no tracepoint),
-                // starts a new life here.
-                // SAFETY: the value is a plain u64 copied out at once.
-                let known = matches!(unsafe { TRACKED.get(&skb) }, Some(old) if *old == fp);
-                (fp, !known)
-            }
-            None => return,
-        },
+    let (fingerprint, first, info) = match role {
+        Role::Transit => {
+            let Some(fp) = tracked(skb) else { return };
+            let Some(info) = device(skb, dev) else { return };
+            (fp, false, info)
+        }
+        // The cheap checks (loopback, --iface) come before the parse.
+        Role::Entry => {
+            let Some(info) = device(skb, dev) else { return };
+            let Some(fp) = sampled_packet(hook, skb) else { return };
+            // Is this skb already tracked with this content? A missing entry, or one with
+            // other content (the address was reused after a free that has no tracepoint),
+            // starts a new life here.
+            // SAFETY: the value is a plain u64 copied out at once.
+            let known = matches!(unsafe { TRACKED.get(&skb) }, Some(old) if *old == fp);
+            (fp, !known, info)
+        }
     };
-    let dev = if dev == 0 { kernel::skb_dev(skb) } else { dev };
-    let ifindex = kernel::dev_ifindex(dev);
-    if conf!(flags) & flags::SKIP_LOOPBACK != 0 && ifindex == LOOPBACK_IFINDEX {
-        return;
-    }
-    let info = kernel::dev_info(dev, ifindex);
-    if conf!(flags) & flags::FILTER_IFACE != 0 && !iface_listed(&info.name) {
-        return;
-    }
     if first && TRACKED.insert(&skb, &fingerprint, 0).is_err() {
-        bump(Counter::TrackInsertFailed as u32);
+        bump(hook, Counter::TrackInsertFailed);
     }
     if hook == Hook::NetDevStartXmit {
         hand_over(skb, fingerprint);
     }
-    emit(hook, skb, fingerprint, &info, 0, 0, if first { hop_flags::FIRST } else { 0 });
+    let flags = if first { hop_flags::FIRST } else { 0 };
+    emit(Hop { hook, skb, fingerprint, reason: 0, location: 0, flags, len: kernel::skb_len(skb) }, &info);
+}
+
+/// The hop's device (the tracepoint's own device argument where it has one, else `skb->dev`),
+/// or None when the loopback or `--iface` filter leaves it out.
+#[inline(always)]
+fn device(skb: u64, dev: u64) -> Option<kernel::DevInfo> {
+    let dev = if dev == 0 { kernel::skb_dev(skb) } else { dev };
+    let ifindex = kernel::dev_ifindex(dev);
+    if conf!(flags) & flags::SKIP_LOOPBACK != 0 && ifindex == LOOPBACK_IFINDEX {
+        return None;
+    }
+    let info = kernel::dev_info(dev, ifindex);
+    if conf!(flags) & flags::FILTER_IFACE != 0 && !iface_listed(&info.name) {
+        return None;
+    }
+    Some(info)
 }
 
 /// `net_dev_xmit`: the driver's ndo_start_xmit returned. The skb may already be freed or
 /// reused (a tap reader or a veth peer may have consumed it on another CPU), so nothing is read
-/// from it: the packet is recognised from the hand-over `net_dev_start_xmit` left on this CPU.
+/// from it: the packet is recognised from the hand-over `net_dev_start_xmit` left on this CPU,
+/// the device and length come from the tracepoint's own arguments.
 #[inline(always)]
-pub fn xmit_done_hop(hook: Hook, skb: u64, dev: u64) {
-    bump(hook as u32);
+pub fn xmit_done_hop(hook: Hook, skb: u64, dev: u64, len: u32) {
+    bump(hook, Counter::Packets);
     if conf!(flags) & flags::TRACK == 0 {
         return;
     }
     let Some(fingerprint) = take_hand_over(skb) else { return };
-    let ifindex = kernel::dev_ifindex(dev);
-    let info = kernel::dev_info(dev, ifindex);
-    if conf!(flags) & flags::FILTER_IFACE != 0 && !iface_listed(&info.name) {
-        return;
-    }
-    emit(hook, skb, fingerprint, &info, 0, 0, 0);
+    let Some(info) = device(skb, dev) else { return };
+    emit(Hop { hook, skb, fingerprint, reason: 0, location: 0, flags: 0, len }, &info);
 }
 
 /// Leaves the fingerprint of `skb` for `net_dev_xmit` on this CPU, in a free slot (or the
@@ -139,9 +145,9 @@ fn take_hand_over(skb: u64) -> Option<u64> {
 
 /// Parses the packet; returns its fingerprint when it passes the filter and the sample.
 #[inline(always)]
-fn sampled_packet(skb: u64) -> Option<u64> {
+fn sampled_packet(hook: Hook, skb: u64) -> Option<u64> {
     let Some(h) = kernel::headers(skb) else {
-        bump(Counter::Unparsed as u32);
+        bump(hook, Counter::Unparsed);
         return None;
     };
     let fl = conf!(flags);
@@ -161,7 +167,7 @@ fn sampled_packet(skb: u64) -> Option<u64> {
     if !packet::sampled(fp, conf!(sample_every)) {
         return None;
     }
-    bump(Counter::Sampled as u32);
+    bump(hook, Counter::Sampled);
     Some(fp)
 }
 
@@ -186,13 +192,14 @@ fn tracked(skb: u64) -> Option<u64> {
 /// tracking map free of entries whose free we would never see.
 #[inline(always)]
 pub fn reader_hop(hook: Hook, skb: u64) {
-    bump(hook as u32);
+    bump(hook, Counter::Packets);
     if conf!(flags) & flags::TRACK == 0 {
         return;
     }
     if let Some(fp) = tracked(skb) {
         let _ = TRACKED.remove(&skb);
-        emit(hook, skb, fp, &kernel::dev_info(0, 0), 0, 0, 0);
+        let hop = Hop { hook, skb, fingerprint: fp, reason: 0, location: 0, flags: 0, len: kernel::skb_len(skb) };
+        emit(hop, &kernel::dev_info(0, 0));
     }
 }
 
@@ -201,13 +208,13 @@ pub fn reader_hop(hook: Hook, skb: u64) {
 /// is released, so the content can still be checked.
 #[inline(always)]
 pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
-    bump(hook as u32);
+    bump(hook, Counter::Packets);
     let fl = conf!(flags);
     let mut dev_info = None;
     if let Some(reason) = reason {
         if fl & flags::DROPS != 0 {
             let dev = kernel::skb_dev(skb);
-            if dev != 0 {
+            if kernel::is_device(dev) {
                 let info = kernel::dev_info(dev, kernel::dev_ifindex(dev));
                 count_drop(&info, reason, location, 0);
                 dev_info = Some(info);
@@ -228,14 +235,27 @@ pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
             (Some(info), _) => info,
             (None, Some(_)) => {
                 let dev = kernel::skb_dev(skb);
-                kernel::dev_info(dev, kernel::dev_ifindex(dev))
+                if kernel::is_device(dev) {
+                    kernel::dev_info(dev, kernel::dev_ifindex(dev))
+                } else {
+                    kernel::dev_info(0, 0)
+                }
             }
             (None, None) => kernel::dev_info(0, 0),
         };
         if info.ifindex != 0 && fl & flags::FILTER_IFACE != 0 && !iface_listed(&info.name) {
             return;
         }
-        emit(hook, skb, fp, &info, reason.unwrap_or(0), location, 0);
+        let hop = Hop {
+            hook,
+            skb,
+            fingerprint: fp,
+            reason: reason.unwrap_or(0),
+            location,
+            flags: 0,
+            len: kernel::skb_len(skb),
+        };
+        emit(hop, &info);
     }
 }
 
@@ -250,46 +270,51 @@ fn count_drop(info: &kernel::DevInfo, reason: u32, location: u64, flags: u32) {
         ifname: info.name,
     };
     match DROPS.get_ptr_mut(&key) {
-        // SAFETY: per-CPU value of this CPU.
+        // SAFETY: this CPU's value; only the kfree_skb program writes this map, and it does
+        // not nest in itself.
         Some(count) => unsafe { *count += 1 },
         None => {
             if DROPS.insert(&key, &1, 0).is_err() {
-                bump(Counter::DropInsertFailed as u32);
+                bump(Hook::KfreeSkb, Counter::DropInsertFailed);
             }
         }
     }
 }
 
-#[inline(always)]
-fn emit(
+/// One hop to send: what the event carries beside the device.
+struct Hop {
     hook: Hook,
     skb: u64,
     fingerprint: u64,
-    info: &kernel::DevInfo,
     reason: u32,
-    loc: u64,
-    hop_flags: u32,
-) {
-    bump(Counter::Emitted as u32);
-    let Some(mut entry) = EVENTS.reserve::<HopEvent>(0) else {
-        bump(Counter::LostEvents as u32);
-        return;
-    };
+    location: u64,
+    flags: u32,
+    len: u32,
+}
+
+#[inline(always)]
+fn emit(hop: Hop, info: &kernel::DevInfo) {
+    bump(hop.hook, Counter::Emitted);
+    // The time is taken before the reservation, which may wait on the ring's lock.
     // SAFETY: helpers without preconditions.
     let (ts_ns, cpu) = unsafe { (bpf_ktime_get_ns(), bpf_get_smp_processor_id()) };
+    let Some(mut entry) = EVENTS.reserve::<HopEvent>(0) else {
+        bump(hop.hook, Counter::LostEvents);
+        return;
+    };
     entry.write(HopEvent {
         ts_ns,
-        skb,
-        fingerprint,
-        location: loc,
-        hook: hook as u32,
+        skb: hop.skb,
+        fingerprint: hop.fingerprint,
+        location: hop.location,
+        hook: hop.hook as u32,
         cpu,
         ifindex: info.ifindex,
         netns: info.netns,
-        reason,
-        len: kernel::skb_len(skb),
+        reason: hop.reason,
+        len: hop.len,
         ifname: info.name,
-        flags: hop_flags,
+        flags: hop.flags,
         _pad: 0,
     });
     // No wakeup: userspace drains the ring on a timer (vtrace/src/session.rs), so the kernel

@@ -29,6 +29,14 @@ pub fn skb_dev(skb: u64) -> u64 {
     unsafe { read::<u64>(skb, conf!(offsets.sk_buff_dev)) }.unwrap_or(0)
 }
 
+/// Whether `dev` (read from `skb->dev`) is a device pointer. Some protocols reuse the field once
+/// the skb left the device layer (UDP keeps its `dev_scratch` there): only a kernel address
+/// (the upper half on x86-64 and arm64) is followed.
+#[inline(always)]
+pub fn is_device(dev: u64) -> bool {
+    dev >= 0xffff_8000_0000_0000
+}
+
 /// `skb->len`.
 #[inline(always)]
 pub fn skb_len(skb: u64) -> u32 {

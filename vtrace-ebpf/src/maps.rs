@@ -5,21 +5,19 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use vtrace_common::{DropKey, COUNTER_SLOTS};
+use vtrace_common::{counter_slot, Counter, DropKey, Hook, COUNTER_SLOTS};
 
-/// Per-hook packet counts (every packet), then the `Counter` slots (lost events, ...).
+/// Per-hook rows of `Counter`s: every packet, lost events, failed inserts, ...
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
 
 /// Sampled packets in flight: skb address -> fingerprint. An entry lives from the packet's first
 /// sampled hop until `consume_skb`/`kfree_skb`, because the kernel reuses skb memory at once.
-/// LRU, so a packet whose free we never saw cannot fill it up; per-CPU LRU lists
-/// (BPF_F_NO_COMMON_LRU) so that evictions do not take a lock shared by every CPU.
+/// LRU, so a packet whose free we never saw cannot fill it up. One LRU for all CPUs: with
+/// per-CPU lists (BPF_F_NO_COMMON_LRU) the entries would be split between the possible CPUs
+/// and a busy CPU would evict packets still in flight.
 #[map]
-pub static TRACKED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, BPF_F_NO_COMMON_LRU);
-
-/// include/uapi/linux/bpf.h
-const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
+pub static TRACKED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
 
 /// What `net_dev_start_xmit` leaves for `net_dev_xmit` of the same skb on the same CPU.
 #[repr(C)]
@@ -43,11 +41,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 #[map]
 pub static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
 
+/// Counts one `c` in `hook`'s row (see `vtrace_common::Counter`).
 #[inline(always)]
-pub fn bump(slot: u32) {
-    if let Some(p) = COUNTERS.get_ptr_mut(slot) {
-        // SAFETY: per-CPU slot of this CPU; programs on one CPU do not preempt each other here
-        // (tracepoint programs run with migration disabled and are not reentered per CPU).
+pub fn bump(hook: Hook, c: Counter) {
+    if let Some(p) = COUNTERS.get_ptr_mut(counter_slot(hook as u32, c)) {
+        // SAFETY: this CPU's slot in this program's own row: nothing else writes it meanwhile.
         unsafe { *p += 1 };
     }
 }

@@ -546,7 +546,13 @@ where
             errno: None,
             message: e.to_string(),
         })?;
-    f(p).map_err(|e| {
+    let result = f(p);
+    if result.is_err() {
+        // Loaded but not attached (or not detached): unload, so that nothing stays behind and
+        // the next try of the same program is not refused as already loaded.
+        unload_program(ebpf, name);
+    }
+    result.map_err(|e| {
         let errno = errno_of(&e);
         let message = match &e {
             aya::programs::ProgramError::LoadError { verifier_log, .. } => {
@@ -575,6 +581,23 @@ where
         };
         Failure { errno, message }
     })
+}
+
+/// Unloads program `name` of `ebpf` if it is loaded (detaching its links); errors ignored.
+pub fn unload_program(ebpf: &mut Ebpf, name: &str) {
+    use aya::programs::Program;
+    let Some(prog) = ebpf.program_mut(name) else {
+        return;
+    };
+    let _ = match prog {
+        Program::BtfTracePoint(p) => p.unload(),
+        Program::RawTracePoint(p) => p.unload(),
+        Program::FEntry(p) => p.unload(),
+        Program::KProbe(p) => p.unload(),
+        Program::SchedClassifier(p) => p.unload(),
+        Program::Xdp(p) => p.unload(),
+        _ => Ok(()),
+    };
 }
 
 /// The errno behind an aya error, if a syscall failed.

@@ -418,7 +418,9 @@ fn snapshot(
     costs_failed: &mut bool,
 ) -> Result<Snapshot> {
     let counters = tracer.counters()?;
-    // Folds the packets whose join window has passed into the histograms.
+    // Folds the packets whose join window has passed into the histograms, also when the host
+    // went quiet and no event moves the joiner's clock.
+    pipeline.advance_to_now();
     let report = pipeline.report(elapsed.as_secs_f64(), &counters, last);
     let mut edges: Vec<EdgeSeries> = pipeline
         .aggregate()

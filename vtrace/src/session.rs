@@ -19,6 +19,8 @@ use crate::{
 /// How often the event ring buffer is drained. At 80 bytes an event, the default 4 MiB ring
 /// holds about 52,000 events: 5 million events a second before anything is lost.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
+/// Events handled per drain tick at most, before the loop looks at signals again.
+const DRAIN_BATCH: usize = 65_536;
 
 /// How long to run and how often to refresh.
 #[derive(Clone, Copy, Debug)]
@@ -110,8 +112,16 @@ pub async fn run(
     eprintln!("vtrace: attached {} hooks: {}", how.len(), how.join(" "));
     loop {
         tokio::select! {
+            // Signals and the deadline first, so a busy ring cannot starve them.
+            biased;
+            _ = sigint.recv() => break,
+            _ = sigterm.recv() => break,
+            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
             _ = drain.tick() => {
-                while let Some(item) = ring.next() {
+                // Bounded: when events come faster than they are joined, the loop must still
+                // get back to the signals, the deadline and (in `serve`) the HTTP task.
+                for _ in 0..DRAIN_BATCH {
+                    let Some(item) = ring.next() else { break };
                     if let Some(ev) = tracer::decode(&item) {
                         tracer.received += 1;
                         on_event(&ev);
@@ -121,19 +131,26 @@ pub async fn run(
             _ = tick.tick() => {
                 on_tick(&tracer, started.elapsed(), false)?;
             }
-            _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
-            _ = sigint.recv() => break,
-            _ = sigterm.recv() => break,
         }
     }
-    // Stop new events, then drain what is left before the final report.
+    // Stop new events, then drain what is left before the final report: until every event
+    // the programs tried to send is accounted for (received + lost == emitted), or a second.
     let elapsed = started.elapsed();
     tracer.detach();
-    while let Some(item) = ring.next() {
-        if let Some(ev) = tracer::decode(&item) {
-            tracer.received += 1;
-            on_event(&ev);
+    let settle = Instant::now() + Duration::from_secs(1);
+    loop {
+        while let Some(item) = ring.next() {
+            if let Some(ev) = tracer::decode(&item) {
+                tracer.received += 1;
+                on_event(&ev);
+            }
         }
+        let c = tracer.counters()?;
+        let accounted = tracer.received + c.get(vtrace_common::Counter::LostEvents);
+        if accounted >= c.get(vtrace_common::Counter::Emitted) || Instant::now() > settle {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
     on_tick(&tracer, elapsed, true)?;
     drop(ring);

@@ -12,7 +12,9 @@ use aya::{
     programs::{BtfTracePoint, FEntry, KProbe, RawTracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use vtrace_common::{Config, Counter, DropKey, Hook, HopEvent, COUNTER_SLOTS};
+use vtrace_common::{
+    counter_slot, Config, Counter, DropKey, Hook, HopEvent, COUNTER_SLOTS, HOOK_ROWS,
+};
 
 /// The eBPF object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vtrace.bpf.o"));
@@ -223,10 +225,7 @@ impl Tracer {
                 },
             ) {
                 Ok(()) => return Ok(Attachment::Fentry),
-                Err(e) => {
-                    self.unload(hook, Attachment::Fentry);
-                    format!("fentry: {}", e.message)
-                }
+                Err(e) => format!("fentry: {}", e.message),
             }
         } else {
             match module {
@@ -260,23 +259,12 @@ impl Tracer {
             },
         ) {
             Ok(()) => Ok(Attachment::Kprobe),
-            Err(e) => {
-                self.unload(hook, Attachment::Kprobe);
-                Err(format!("{fentry_said}; kprobe: {}", e.message))
-            }
+            Err(e) => Err(format!("{fentry_said}; kprobe: {}", e.message)),
         }
     }
 
     fn unload(&mut self, hook: Hook, how: Attachment) {
-        if let Some(prog) = self.ebpf.program_mut(&program_for(hook, how)) {
-            let _ = match prog {
-                aya::programs::Program::FEntry(p) => p.unload(),
-                aya::programs::Program::KProbe(p) => p.unload(),
-                aya::programs::Program::BtfTracePoint(p) => p.unload(),
-                aya::programs::Program::RawTracePoint(p) => p.unload(),
-                _ => Ok(()),
-            };
-        }
+        crate::hooks::unload_program(&mut self.ebpf, &program_for(hook, how));
     }
 
     fn attach(&mut self, hook: Hook, btf: &Btf) -> Result<Attachment> {
@@ -286,6 +274,8 @@ impl Tracer {
             Ok(()) => return Ok(Attachment::TpBtf),
             Err(e) => e,
         };
+        // Whatever tp_btf left loaded goes before the fallback is loaded.
+        self.unload(hook, Attachment::TpBtf);
         let raw_name = format!("{name}_raw");
         self.try_raw(&raw_name, tp).map_err(|raw_err| {
             anyhow!(
@@ -361,8 +351,6 @@ impl Tracer {
         for (hook, how) in std::mem::take(&mut self.attached) {
             self.unload(hook, how);
         }
-        // A program already running on another CPU finishes within an RCU grace period.
-        std::thread::sleep(std::time::Duration::from_millis(20));
     }
 
     /// Sums of the per-CPU counters.
@@ -430,11 +418,21 @@ impl Default for Counters {
 }
 
 impl Counters {
+    /// Every packet seen at `hook`.
     pub fn hook(&self, hook: Hook) -> u64 {
-        self.slots[hook as usize]
+        self.slot(hook as u32, Counter::Packets)
     }
+
+    /// Counter `c` summed over every hook's row.
     pub fn get(&self, c: Counter) -> u64 {
-        self.slots[c as usize]
+        (0..HOOK_ROWS).map(|h| self.slot(h, c)).sum()
+    }
+
+    fn slot(&self, hook: u32, c: Counter) -> u64 {
+        self.slots
+            .get(counter_slot(hook, c) as usize)
+            .copied()
+            .unwrap_or(0)
     }
 }
 

@@ -20,7 +20,6 @@ pub fn stage_of(from: &HopRef, to: &HopRef) -> &'static str {
         ("net_dev_start_xmit" | "net_dev_xmit", "skb_copy_datagram_iovec") => {
             "tap queue: wait for the reader"
         }
-        ("skb_copy_datagram_iovec", "consume_skb" | "kfree_skb") => "reader copy",
         ("net_dev_start_xmit", "net_dev_xmit") => "driver xmit",
         ("net_dev_queue", "net_dev_start_xmit")
         | ("net_dev_queue", "qdisc_dequeue")

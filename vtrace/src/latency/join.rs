@@ -69,7 +69,7 @@ pub struct JoinStats {
     pub joins: u64,
     /// Segments that never saw their free (lost event, or still in flight at the end).
     pub unfinished: u64,
-    /// Edges whose later hop carried an earlier timestamp (cross-CPU ordering); timed as 0.
+    /// Edges whose later hop carried an earlier timestamp (cross-CPU ordering); not timed.
     pub reordered: u64,
     /// Events whose fingerprint contradicted the live skb's: the address was reused unseen.
     pub stale: u64,
@@ -112,6 +112,12 @@ impl Joiner {
     #[cfg_attr(not(test), allow(dead_code))]
     pub fn in_flight(&self) -> usize {
         self.segs.len()
+    }
+
+    /// Moves the clock on without an event (a quiet host): lets `flush` finalize packets
+    /// whose window passed. `now_ns` is CLOCK_MONOTONIC, the clock of the events.
+    pub fn advance(&mut self, now_ns: u64) {
+        self.now = self.now.max(now_ns);
     }
 
     pub fn push(&mut self, ev: HopIn) {
@@ -207,13 +213,15 @@ impl Joiner {
         };
         if let Some((from, from_ts)) = prev {
             if ev.ts < from_ts {
+                // Cross-CPU order: counted, not timed (a 0 would pull the quantiles down).
                 self.stats.reordered += 1;
+            } else {
+                self.out.push(Observation::Edge {
+                    from,
+                    to: point.clone(),
+                    ns: ev.ts - from_ts,
+                });
             }
-            self.out.push(Observation::Edge {
-                from,
-                to: point.clone(),
-                ns: ev.ts.saturating_sub(from_ts),
-            });
         }
         if let Some(seg) = self.segs.get_mut(&id) {
             seg.hops.push((point, ev.ts));

@@ -65,6 +65,21 @@ impl Pipeline {
         });
     }
 
+    /// Moves the joiner's clock to now (CLOCK_MONOTONIC, as `bpf_ktime_get_ns`): live commands
+    /// call it before each report so that the last packets of a burst are reported even when
+    /// no further event comes.
+    pub fn advance_to_now(&mut self) {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec we pass.
+        if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } == 0 {
+            self.joiner
+                .advance(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+        }
+    }
+
     /// One hop whose device is already named (record files carry names).
     pub fn push_named(&mut self, hop: HopIn) {
         self.joiner.push(hop);
@@ -134,10 +149,9 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
         timing,
         |ev| pipeline.borrow_mut().push(ev),
         |tracer, elapsed, last| {
-            let mut report =
-                pipeline
-                    .borrow_mut()
-                    .report(elapsed.as_secs_f64(), &tracer.counters()?, last);
+            let mut pipeline = pipeline.borrow_mut();
+            pipeline.advance_to_now();
+            let mut report = pipeline.report(elapsed.as_secs_f64(), &tracer.counters()?, last);
             if args.cost {
                 report.cost = tracer.program_costs()?;
             }

@@ -1,4 +1,5 @@
-//! The record file format, version 1: what `vtrace record` writes and `vtrace report` reads.
+//! The record file format, version 2: what `vtrace record` writes and `vtrace report` reads.
+//! (Version 2: function-tier hook numbers 32-40 and per-hook counter rows.)
 //!
 //! A record file is self-contained: device names, drop reasons and drop locations are resolved
 //! when recording, so a file can be reported on another machine, kernel or vtrace build (of the
@@ -31,8 +32,9 @@
 //! - A hop's `device` is the id of a device frame written before it; `hook` is the
 //!   `vtrace_common::Hook` number; `flags` are `vtrace_common::hop_flags` (`FIRST`: the kernel
 //!   started tracking the skb here); `location` and `reason` are set for `kfree_skb` only.
-//! - `counters` are the kernel's counters in `vtrace_common` order: one per hook, then lost
-//!   events, failed tracking inserts, failed drop inserts, sampled, unparsed packets.
+//! - `counters` are the kernel's `COUNTERS` slots in `vtrace_common` order: one row of
+//!   `COUNTERS_PER_HOOK` per `Hook` value (`counter_slot`), each row packets, lost events,
+//!   failed tracking inserts, failed drop inserts, sampled, unparsed, emitted events.
 //! - `drop = iface:str reason:str location:str reason_code:u32 count:u64`: every reason,
 //!   including those that are not losses (`NOT_DROPPED_YET`, `CONSUMED`; `report` leaves them
 //!   out); `location` is `func+0x1b3 [module]` (or the bare address when kallsyms could not
@@ -42,7 +44,7 @@
 //!   the recording host's own network namespace; only the `--iface` ones when given).
 //! - `hop_events` is the number of hop frames before the trailer (a consistency check).
 //!
-//! Compatible additions within version 1 append fields at the end of a payload: readers skip
+//! Compatible additions within a version append fields at the end of a payload: readers skip
 //! payload bytes they do not know. Anything else (a new frame kind, a new hook number, a changed
 //! field) needs a new version; a reader refuses other versions.
 //!
@@ -60,7 +62,7 @@ use vtrace_common::{Hook, IFNAMSIZ};
 /// The first bytes of every record file.
 pub const MAGIC: &[u8; 11] = b"VTRACE-REC\0";
 /// The format version this vtrace writes and reads.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// What the hop timestamps are.
 pub const CLOCK_NOTE: &str = "CLOCK_MONOTONIC (bpf_ktime_get_ns): ns since boot (boot_id), \
 not counting suspend; start_mono_ns and start_unix_ns are the same instant";
@@ -986,11 +988,11 @@ mod tests {
         let e = |b: &[u8]| read_all(b, true).1.unwrap_err().to_string();
         assert_eq!(e(b""), "not a vtrace record file (empty file)");
         assert!(e(b"hello, world\n").starts_with("not a vtrace record file (starts with 68 65"));
-        let mut v2 = sample_file();
-        v2[11] = 2;
+        let mut newer = sample_file();
+        newer[11] = (VERSION + 1) as u8;
         assert_eq!(
-            e(&v2),
-            "written by format version 2, this vtrace reads version 1 (use a newer vtrace)"
+            e(&newer),
+            format!("written by format version {}, this vtrace reads version {VERSION} (use a newer vtrace)", VERSION + 1)
         );
         assert_eq!(
             e(&MAGIC[..5]),

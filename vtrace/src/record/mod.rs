@@ -383,6 +383,11 @@ pub fn replay<R: Read>(reader: &mut Reader<R>, header: &Header, window_ms: f64) 
             .unwrap_or(0.0),
     };
     let mut latency = pipeline.report(duration_s, &counters, true);
+    latency.events = crate::latency::report::EventCounts {
+        emitted: counters.get(vtrace_common::Counter::Emitted),
+        received: reader.hops(),
+        lost: counters.get(vtrace_common::Counter::LostEvents),
+    };
     let problem = match (problem, &trailer) {
         (Some(e), _) => Some(e.to_string()),
         (None, None) => Some(format!(
@@ -430,7 +435,7 @@ fn drops_report(trailer: Option<&Trailer>, duration_s: f64, counters: &Counters)
             location: d.location.clone(),
             count: d.count,
             reason_code: d.reason_code,
-            // Record files (format version 1) do not say where the name came from.
+            // Record files do not say where the name came from (yet).
             device: "at_drop",
         })
         .collect();

@@ -7,6 +7,9 @@
 
 pub mod packet;
 
+/// Packets in flight the tracking map holds per possible CPU (see vtrace-ebpf's `TRACKED`).
+pub const TRACKED_PER_CPU: u32 = 16384;
+
 /// Length of a kernel device name (`IFNAMSIZ` in include/uapi/linux/if.h).
 pub const IFNAMSIZ: usize = 16;
 /// How many `--iface` names the kernel-side filter holds.

@@ -143,8 +143,9 @@ pub fn fingerprint(l3: &L3, l4: &[u8; L4_READ]) -> u64 {
     h.word(l3.ident as u64);
     // Transport fields that survive a copy: ports and TCP seq/ack and flags; the UDP length;
     // ICMP type/code/id/seq. Then payload bytes up to L4_READ, bounded by the packet's length.
-    // Checksums change when a router rewrites the TTL and may be left partial by offloads:
-    // they are masked out (TCP bytes 16-17, UDP 6-7, ICMP 2-3; little-endian word order).
+    // Checksums are masked out (TCP bytes 16-17, UDP 6-7, ICMP 2-3; little-endian word order):
+    // checksum offload leaves them partial on one side of a copy and final on the other, and
+    // NAT rewrites them. (A TTL decrement changes only the IP header checksum, not hashed.)
     let checksum: [u64; 3] = match l3.proto {
         IPPROTO_TCP => [0, 0, 0xffff],
         IPPROTO_UDP => [0xffff << 48, 0, 0],

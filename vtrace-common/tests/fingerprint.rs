@@ -5,12 +5,16 @@ use vtrace_common::packet::*;
 
 /// An Ethernet frame: optional 802.1Q tag, IPv4, ICMP echo with `seq` and a payload.
 fn icmp_frame(vlan: bool, ttl: u8, seq: u16, ip_id: u16) -> Vec<u8> {
+    icmp_frame_with(vlan, ttl, seq, ip_id, 16)
+}
+
+fn icmp_frame_with(vlan: bool, ttl: u8, seq: u16, ip_id: u16, payload_len: usize) -> Vec<u8> {
     let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
     if vlan {
         f.extend_from_slice(&[0x81, 0x00, 0x00, 0x64]);
     }
     f.extend_from_slice(&[0x08, 0x00]);
-    let payload = [0xaa_u8; 16];
+    let payload = vec![0xaa_u8; payload_len];
     let total = (20 + 8 + payload.len()) as u16;
     f.extend_from_slice(&[
         0x45,
@@ -123,14 +127,49 @@ fn not_ip_is_not_parsed() {
     assert!(fp_of(&arp, 0).is_none());
 }
 
+/// A short packet (4 payload bytes): what the reads pick up past its end differs between the
+/// two skbs of a copy, and must not change the fingerprint.
 #[test]
-fn sampling_is_consistent_and_near_the_rate() {
-    let mut chosen = 0;
-    for i in 0..100_000u64 {
-        let fp = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (i >> 7);
-        assert_eq!(sampled(fp, 16), sampled(fp, 16));
-        chosen += sampled(fp, 16) as u32;
-    }
-    assert!((5_000..7_500).contains(&chosen), "about 1 in 16: {chosen}");
-    assert!(sampled(12345, 1));
+fn bytes_past_a_short_packet_are_not_hashed() {
+    let f = icmp_frame_with(false, 64, 7, 100, 4);
+    assert_eq!(fp_of(&f, 0x00).unwrap().0, fp_of(&f, 0x5a).unwrap().0);
+    let g = icmp_frame_with(false, 64, 7, 100, 5);
+    assert_ne!(
+        fp_of(&f, 0).unwrap().0,
+        fp_of(&g, 0).unwrap().0,
+        "the length is hashed"
+    );
+}
+
+/// The transport checksum (left partial by offloads on one side of a copy) is not hashed.
+#[test]
+fn the_transport_checksum_is_not_hashed() {
+    let f = icmp_frame(false, 64, 7, 100);
+    let mut g = f.clone();
+    // ICMP checksum: bytes 2-3 of the ICMP header (14 Ethernet + 20 IP).
+    g[14 + 20 + 2] ^= 0xff;
+    g[14 + 20 + 3] ^= 0x0f;
+    assert_eq!(fp_of(&f, 0).unwrap().0, fp_of(&g, 0).unwrap().0);
+}
+
+/// Sampling takes its decision from the fingerprint: real fingerprints of a ping run (one per
+/// sequence number) are chosen at about the rate asked for.
+#[test]
+fn sampling_of_real_fingerprints_is_near_the_rate() {
+    let n = 16_000u16;
+    let chosen = (0..n)
+        .filter(|seq| {
+            sampled(
+                fp_of(&icmp_frame(false, 64, *seq, seq.wrapping_mul(7)), 0)
+                    .unwrap()
+                    .0,
+                16,
+            )
+        })
+        .count();
+    assert!(
+        (700..1_300).contains(&chosen),
+        "about 1 in 16 of {n}: {chosen}"
+    );
+    assert!((0..100u16).all(|s| sampled(fp_of(&icmp_frame(false, 64, s, 1), 0).unwrap().0, 1)));
 }

@@ -43,24 +43,26 @@ pub fn device_hop(hook: Hook, role: Role, skb: u64, dev: u64) {
     if conf!(flags) & flags::TRACK == 0 {
         return;
     }
-    let (fingerprint, first, info) = match role {
+    let (fingerprint, first, (dev, ifindex)) = match role {
         Role::Transit => {
             let Some(fp) = tracked(skb) else { return };
-            let Some(info) = device(skb, dev) else { return };
-            (fp, false, info)
+            let Some(d) = device(skb, dev) else { return };
+            (fp, false, d)
         }
         // The cheap checks (loopback, --iface) come before the parse.
         Role::Entry => {
-            let Some(info) = device(skb, dev) else { return };
+            let Some(d) = device(skb, dev) else { return };
             let Some(fp) = sampled_packet(hook, skb) else { return };
             // Is this skb already tracked with this content? A missing entry, or one with
             // other content (the address was reused after a free that has no tracepoint),
             // starts a new life here.
             // SAFETY: the value is a plain u64 copied out at once.
             let known = matches!(unsafe { TRACKED.get(&skb) }, Some(old) if *old == fp);
-            (fp, !known, info)
+            (fp, !known, d)
         }
     };
+    // Only sampled packets get here: the device's name and namespace are read for them alone.
+    let info = kernel::dev_info(dev, ifindex);
     if first && TRACKED.insert(&skb, &fingerprint, 0).is_err() {
         bump(hook, Counter::TrackInsertFailed);
     }
@@ -71,20 +73,20 @@ pub fn device_hop(hook: Hook, role: Role, skb: u64, dev: u64) {
     emit(Hop { hook, skb, fingerprint, reason: 0, location: 0, flags, len: kernel::skb_len(skb) }, &info);
 }
 
-/// The hop's device (the tracepoint's own device argument where it has one, else `skb->dev`),
-/// or None when the loopback or `--iface` filter leaves it out.
+/// The hop's device (the tracepoint's own device argument where it has one, else `skb->dev`)
+/// and its ifindex, or None when the loopback or `--iface` filter leaves it out. The name is
+/// read here only when `--iface` needs it.
 #[inline(always)]
-fn device(skb: u64, dev: u64) -> Option<kernel::DevInfo> {
+fn device(skb: u64, dev: u64) -> Option<(u64, u32)> {
     let dev = if dev == 0 { kernel::skb_dev(skb) } else { dev };
     let ifindex = kernel::dev_ifindex(dev);
     if conf!(flags) & flags::SKIP_LOOPBACK != 0 && ifindex == LOOPBACK_IFINDEX {
         return None;
     }
-    let info = kernel::dev_info(dev, ifindex);
-    if conf!(flags) & flags::FILTER_IFACE != 0 && !iface_listed(&info.name) {
+    if conf!(flags) & flags::FILTER_IFACE != 0 && !iface_listed(&kernel::dev_name(dev)) {
         return None;
     }
-    Some(info)
+    Some((dev, ifindex))
 }
 
 /// `net_dev_xmit`: the driver's ndo_start_xmit returned. The skb may already be freed or
@@ -98,7 +100,8 @@ pub fn xmit_done_hop(hook: Hook, skb: u64, dev: u64, len: u32) {
         return;
     }
     let Some(fingerprint) = take_hand_over(skb) else { return };
-    let Some(info) = device(skb, dev) else { return };
+    let Some((dev, ifindex)) = device(skb, dev) else { return };
+    let info = kernel::dev_info(dev, ifindex);
     emit(Hop { hook, skb, fingerprint, reason: 0, location: 0, flags: 0, len }, &info);
 }
 

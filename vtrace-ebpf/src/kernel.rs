@@ -60,6 +60,19 @@ pub fn dev_ifindex(dev: u64) -> u32 {
     unsafe { read::<u32>(dev, conf!(offsets.net_device_ifindex)) }.unwrap_or(0)
 }
 
+/// `dev->name`.
+#[inline(always)]
+pub fn dev_name(dev: u64) -> [u8; IFNAMSIZ] {
+    let mut name = [0u8; IFNAMSIZ];
+    if dev != 0 {
+        // SAFETY: see `read`; the destination is a stack array of IFNAMSIZ bytes.
+        let _ = unsafe {
+            bpf_probe_read_kernel_buf((dev + conf!(offsets.net_device_name) as u64) as *const u8, &mut name)
+        };
+    }
+    name
+}
+
 #[inline(always)]
 pub fn dev_info(dev: u64, ifindex: u32) -> DevInfo {
     let mut info = DevInfo {

@@ -13,11 +13,16 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SL
 
 /// Sampled packets in flight: skb address -> fingerprint. An entry lives from the packet's first
 /// sampled hop until `consume_skb`/`kfree_skb`, because the kernel reuses skb memory at once.
-/// LRU, so a packet whose free we never saw cannot fill it up. One LRU for all CPUs: with
-/// per-CPU lists (BPF_F_NO_COMMON_LRU) the entries would be split between the possible CPUs
-/// and a busy CPU would evict packets still in flight.
+/// LRU, so a packet whose free we never saw cannot fill it up. Per-CPU LRU lists
+/// (BPF_F_NO_COMMON_LRU): inserts and evictions take no lock shared by every CPU. The kernel
+/// splits max_entries between the possible CPUs, so the loader sizes it to
+/// `TRACKED_PER_CPU` times their number.
 #[map]
-pub static TRACKED: LruHashMap<u64, u64> = LruHashMap::with_max_entries(16384, 0);
+pub static TRACKED: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(vtrace_common::TRACKED_PER_CPU, BPF_F_NO_COMMON_LRU);
+
+/// include/uapi/linux/bpf.h
+const BPF_F_NO_COMMON_LRU: u32 = 1 << 1;
 
 /// What `net_dev_start_xmit` leaves for `net_dev_xmit` of the same skb on the same CPU.
 #[repr(C)]

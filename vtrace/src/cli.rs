@@ -223,9 +223,9 @@ impl Proto {
 }
 
 fn parse_ifname(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 15 || s.contains('/') || s.contains(char::is_whitespace) {
+    if s.is_empty() || s.len() > 15 || s.contains(['/', '@']) || s.contains(char::is_whitespace) {
         return Err(format!(
-            "'{s}' is not a device name (1 to 15 characters, no '/' or spaces)"
+            "'{s}' is not a device name (1 to 15 characters, no '/', '@' or spaces; it matches in every network namespace)"
         ));
     }
     Ok(s.to_string())
@@ -285,6 +285,7 @@ mod tests {
         for bad in [
             &["latency", "--duration", "-1"][..],
             &["latency", "--iface", "this-name-is-far-too-long"],
+            &["latency", "--iface", "eth0@vm-a"],
             &["latency", "--port", "0"],
             &["latency", "--host", "not-an-address"],
             &["latency", "--ring-kib", "1000"],

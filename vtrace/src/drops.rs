@@ -24,7 +24,14 @@ use crate::{
 
 /// `enum skb_drop_reason` values that are not losses: a free before any drop decision, and a
 /// normal consumption routed through kfree_skb_reason.
-const NOT_LOSSES: [&str; 2] = ["NOT_DROPPED_YET", "CONSUMED"];
+pub const NOT_LOSSES: [&str; 2] = ["NOT_DROPPED_YET", "CONSUMED"];
+
+/// Whether a device as vtrace names it (`eth0`, or `eth0@netns`) is one of the `--iface` names
+/// (empty: all). `--iface` takes kernel device names, which match in any namespace.
+pub fn iface_selected(shown: &str, only: &[String]) -> bool {
+    let base = shown.split('@').next().unwrap_or(shown);
+    only.is_empty() || only.iter().any(|o| o == base)
+}
 
 #[derive(Clone, Debug, Serialize)]
 pub struct DropEntry {
@@ -130,8 +137,7 @@ impl Resolver {
                 name[..b.len().min(15)].copy_from_slice(&b[..b.len().min(15)]);
                 self.namer.name(&name, row.netns).to_string()
             };
-            let base = iface.split('@').next().unwrap_or("");
-            if !only.is_empty() && !only.iter().any(|o| o == base) {
+            if !iface_selected(&iface, only) {
                 continue;
             }
             let location = self.location(row.location);
@@ -173,7 +179,7 @@ pub fn iface_entries(
     }
     traced
         .into_iter()
-        .filter(|(name, _)| only.is_empty() || only.iter().any(|o| o == name))
+        .filter(|(name, _)| iface_selected(name, only))
         .map(|(iface, traced_drops)| {
             let delta = after
                 .get(&iface)

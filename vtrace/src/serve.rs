@@ -297,7 +297,7 @@ fn render(snap: &Snapshot, process: Option<ProcessStats>) -> String {
     e.family(
         "vtrace_sampled_packets_total",
         "counter",
-        "Packets chosen by the 1-in-N sample (and the filters) to be timed.",
+        "Entry hops (netif_receive_skb, netif_rx, napi_gro_receive_entry, net_dev_queue) of packets chosen by the 1-in-N sample and the filters: a packet counts once per device it enters.",
     );
     e.sample(
         "vtrace_sampled_packets_total",

@@ -16,6 +16,13 @@ use vtrace_common::{
     counter_slot, Config, Counter, DropKey, Hook, HopEvent, COUNTER_SLOTS, HOOK_ROWS,
 };
 
+/// Entries of the tracking map: its per-CPU LRU lists split max_entries between the possible
+/// CPUs, so each CPU gets `TRACKED_PER_CPU`.
+fn tracked_entries() -> u32 {
+    let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u32;
+    vtrace_common::TRACKED_PER_CPU.saturating_mul(cpus)
+}
+
 /// The eBPF object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vtrace.bpf.o"));
 
@@ -157,6 +164,7 @@ impl Tracer {
             .btf(Some(&btf))
             .override_global("CONFIG", &opts.config, true)
             .map_max_entries("EVENTS", opts.ring_bytes)
+            .map_max_entries("TRACKED", tracked_entries())
             .load(OBJECT)
             .map_err(|e| anyhow!("loading vtrace's eBPF object: {e}{}", hint(&e.to_string())))?;
         let mut tracer = Tracer {

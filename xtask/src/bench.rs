@@ -14,7 +14,7 @@
 use std::{
     net::SocketAddrV4,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
@@ -22,7 +22,7 @@ use anyhow::{Context, Result};
 use serde_json::Value;
 use vtrace_lab::{flood, FloodOptions, Lab, LabOptions};
 
-use crate::demo::{build_vtrace, finish, start_vtrace, step};
+use crate::demo::{build_vtrace, finish, start_vtrace, step, Vtrace};
 
 /// Sampling used for the "on" runs: what `vtrace serve` runs with by default.
 const SAMPLE: &str = "16";
@@ -207,7 +207,7 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// utime + stime of a process, in clock ticks (/proc/PID/stat fields 14 and 15).
-fn cpu_ticks(child: &Child) -> u64 {
+fn cpu_ticks(child: &Vtrace) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
     // The command name may hold spaces: count fields after its closing parenthesis.
     let after = stat.rsplit_once(')').map(|(_, a)| a).unwrap_or("");
@@ -226,7 +226,7 @@ fn ticks_per_sec() -> f64 {
     }
 }
 
-fn peak_rss_kib(child: &Child) -> u64 {
+fn peak_rss_kib(child: &Vtrace) -> u64 {
     std::fs::read_to_string(format!("/proc/{}/status", child.id()))
         .unwrap_or_default()
         .lines()
@@ -252,11 +252,26 @@ fn bpftrace_ratio(v: &vtrace_lab::VirtualPath, dur: Duration) -> Result<Option<f
     let script = "tracepoint:net:netif_receive_skb,tracepoint:net:net_dev_queue,tracepoint:net:net_dev_xmit,tracepoint:skb:consume_skb { @[probe] = count(); @t[args.skbaddr] = nsecs; }";
     let mut bt = Command::new("bpftrace")
         .args(["-e", script])
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .context("starting bpftrace")?;
-    std::thread::sleep(Duration::from_secs(3));
+    // Only a bpftrace that says it attached is measured: otherwise the ratio would be ~1.
+    let out = bt.stdout.take().context("bpftrace stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if l.starts_with("Attaching") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+        let _ = bt.kill();
+        let _ = bt.wait();
+        anyhow::bail!("bpftrace did not attach its probes");
+    }
     let on = flood(opts)?;
     let _ = bt.kill();
     let _ = bt.wait();

@@ -74,7 +74,9 @@ pub fn run(seconds: u64) -> Result<()> {
     );
     println!(
         "    {:<28} {:>10.3} {:>10.3}",
-        "paper, Xen 3.2, idle (ms)", 0.084, 0.150
+        "paper, Xen 3.2, idle (ms)",
+        crate::vm_demo::PAPER_NATIVE_MS,
+        crate::vm_demo::PAPER_VR_MS.1
     );
     drop(lab);
 
@@ -187,8 +189,29 @@ pub(crate) fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// Starts vtrace and waits until it says its hooks are attached.
-pub(crate) fn start_vtrace(bin: &Path, args: &[&str]) -> Result<Child> {
+/// A vtrace run by a job: killed (and reaped) if the job ends before it does, so no error
+/// path of a job leaves a tracer attached.
+pub(crate) struct Vtrace {
+    child: Option<Child>,
+}
+
+impl Vtrace {
+    pub(crate) fn id(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+}
+
+impl Drop for Vtrace {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Starts vtrace and waits (at most 60 s) until it says its hooks are attached.
+pub(crate) fn start_vtrace(bin: &Path, args: &[&str]) -> Result<Vtrace> {
     let mut child = Command::new(bin)
         .args(args)
         .stdout(Stdio::piped())
@@ -196,30 +219,34 @@ pub(crate) fn start_vtrace(bin: &Path, args: &[&str]) -> Result<Child> {
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
     let stderr = child.stderr.take().context("vtrace stderr")?;
-    let mut lines = BufReader::new(stderr).lines();
-    loop {
-        match lines.next() {
-            Some(Ok(l)) if l.starts_with("vtrace: attached") => break,
-            Some(Ok(l)) => eprintln!("{l}"),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                bail!("vtrace exited before attaching");
+    let run = Vtrace { child: Some(child) };
+    // stderr is read on a thread of its own (echoed), so that vtrace never blocks on it and
+    // the wait for "attached" can time out.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut ready = Some(ready_tx);
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if l.starts_with("vtrace: attached") {
+                if let Some(r) = ready.take() {
+                    let _ = r.send(());
+                }
+            } else {
+                eprintln!("{l}");
             }
         }
-    }
-    // Keep draining stderr so vtrace never blocks on it.
-    std::thread::spawn(move || {
-        lines.for_each(|l| {
-            if let Ok(l) = l {
-                eprintln!("{l}")
-            }
-        })
     });
-    Ok(child)
+    match ready_rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => Ok(run),
+        Err(_) => bail!(
+            "vtrace {} did not attach (see its messages above)",
+            args.join(" ")
+        ),
+    }
 }
 
-pub(crate) fn finish(child: Child) -> Result<String> {
+/// Waits for vtrace to end by itself and returns what it printed.
+pub(crate) fn finish(mut run: Vtrace) -> Result<String> {
+    let child = run.child.take().context("vtrace already ended")?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
         bail!("vtrace failed");

@@ -22,9 +22,9 @@ use vtrace_lab::{
 use crate::demo::{build_vtrace, finish, start_vtrace, step, trace_pings, workspace_root};
 
 /// The paper's Table III (ping RTT through the router, idle, Xen 3.2): native Linux router.
-const PAPER_NATIVE_MS: f64 = 0.084;
+pub(crate) const PAPER_NATIVE_MS: f64 = 0.084;
 /// The paper's Table III: one virtual router (range over its runs).
-const PAPER_VR_MS: (f64, f64) = (0.147, 0.150);
+pub(crate) const PAPER_VR_MS: (f64, f64) = (0.147, 0.150);
 /// The paper's Table II: loss of 64-byte UDP through Xen 3.2 virtual routers.
 const PAPER_LOSS_PCT: (f64, f64) = (60.0, 96.0);
 

@@ -42,7 +42,6 @@ use format::{
 
 /// `enum skb_drop_reason` names that are not losses; `report` leaves them out like
 /// `vtrace drops` does without `--all-reasons` (kept in step with drops.rs).
-const NOT_LOSSES: [&str; 2] = ["NOT_DROPPED_YET", "CONSUMED"];
 
 /// How often `record` flushes its buffer (and checks for write errors).
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
@@ -283,7 +282,7 @@ fn final_trailer(
     let only = &args.filter.iface;
     let ifaces = netdev::snapshot()
         .into_iter()
-        .filter(|(name, _)| only.is_empty() || only.contains(name))
+        .filter(|(name, _)| crate::drops::iface_selected(name, only))
         .map(|(iface, now)| {
             let d = now.delta(
                 before
@@ -428,7 +427,7 @@ fn drops_report(trailer: Option<&Trailer>, duration_s: f64, counters: &Counters)
         .map(|t| t.drops.as_slice())
         .unwrap_or_default()
         .iter()
-        .filter(|d| !NOT_LOSSES.contains(&d.reason.as_str()))
+        .filter(|d| !crate::drops::NOT_LOSSES.contains(&d.reason.as_str()))
         .map(|d| DropEntry {
             iface: d.iface.clone(),
             reason: d.reason.clone(),

@@ -8,25 +8,10 @@ use std::{net::SocketAddrV4, time::Duration};
 use serde_json::Value;
 use vtrace_lab::{flood, ping, FloodOptions, Lab, LabOptions, VmmOptions};
 
-/// Runs `vtrace latency` for ICMP to `dst` while pinging it; returns the report and ping's RTT.
+/// `common::trace_pings` where every ping must be answered.
 fn trace_pings(sender: &str, dst: std::net::Ipv4Addr, count: u32, extra: &[&str]) -> (Value, f64) {
-    let secs = (count as f64 * 0.02 + 3.0).ceil().to_string();
-    let host = dst.to_string();
-    let mut args = vec![
-        "latency",
-        "--json",
-        "--proto",
-        "icmp",
-        "--host",
-        &host,
-        "--duration",
-        &secs,
-    ];
-    args.extend_from_slice(extra);
-    let tracer = common::start(&args);
-    let stats = ping(sender, dst, count, Duration::from_millis(20)).expect("ping runs");
+    let (report, stats) = common::trace_pings(sender, dst, count, extra);
     assert_eq!(stats.received, count, "every ping answered: {stats:?}");
-    let report: Value = serde_json::from_str(&tracer.finish()).expect("one JSON object");
     (report, stats.rtt.expect("rtt").avg_ms * 1e6)
 }
 

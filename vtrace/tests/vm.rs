@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::Value;
 use vtrace_lab::guest::{GuestImage, VmLab, VmLabOptions};
-use vtrace_lab::ping;
 
 /// Packets of the path that leave through `from` (driver transmit on one tap) and come back,
 /// after QEMU and the guest, on `to` (receive on the other tap), in that order.
@@ -92,26 +91,7 @@ fn vm_router_paths_join_across_qemu_and_add_up_to_the_rtt() {
     );
 
     let count = 100u32;
-    let host = p.receiver_ip.to_string();
-    let secs = (count as f64 * 0.02 + 3.0).ceil().to_string();
-    let tracer = common::start(&[
-        "latency",
-        "--json",
-        "--proto",
-        "icmp",
-        "--host",
-        &host,
-        "--duration",
-        &secs,
-    ]);
-    let stats = ping(
-        &p.sender_ns,
-        p.receiver_ip,
-        count,
-        Duration::from_millis(20),
-    )
-    .expect("ping");
-    let report: Value = serde_json::from_str(&tracer.finish()).expect("one JSON object");
+    let (report, stats) = common::trace_pings(&p.sender_ns, p.receiver_ip, count, &[]);
     assert!(
         stats.received >= count * 95 / 100,
         "pings through the guest answered: {stats:?}; console: {:?}",

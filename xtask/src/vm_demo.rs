@@ -7,19 +7,17 @@
 //! everything down.
 
 use std::{
-    net::SocketAddrV4,
     process::Command,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use vtrace_lab::{
-    flood,
     guest::{GuestImage, VmLab, VmLabOptions},
-    FloodOptions, Lab, LabOptions,
+    Lab, LabOptions,
 };
 
-use crate::demo::{build_vtrace, finish, start_vtrace, step, trace_pings, workspace_root};
+use crate::demo::{build_vtrace, flood_under_drops, step, trace_pings, workspace_root};
 
 /// The paper's Table III (ping RTT through the router, idle, Xen 3.2): native Linux router.
 pub(crate) const PAPER_NATIVE_MS: f64 = 0.084;
@@ -122,28 +120,21 @@ pub fn run(seconds: u64) -> Result<()> {
         "64-byte UDP flood through the virtual router for {seconds} s: vtrace drops"
     ));
     let before = TapCounters::read(&p.tap_a, &p.tap_b);
-    let json = out_dir.join("vm-drops.json");
-    let tracer = start_vtrace(
+    let devices = [
+        &p.tap_a,
+        &p.tap_b,
+        &p.sender_veth,
+        &p.receiver_veth,
+        &p.bridge_a,
+        &p.bridge_b,
+    ];
+    let (report, table) = flood_under_drops(
         &vtrace,
-        &[
-            "drops",
-            "--duration",
-            &format!("{}", seconds + 2),
-            "--interval",
-            "3600",
-            "-o",
-            json.to_str().unwrap_or_default(),
-        ],
+        &out_dir.join("vm-drops.json"),
+        (&p.sender_ns, &p.receiver_ns, p.receiver_ip),
+        &devices.map(|d| d.as_str()),
+        seconds,
     )?;
-    let report = flood(FloodOptions {
-        duration: Duration::from_secs(seconds),
-        ..FloodOptions::new(
-            p.sender_ns.clone(),
-            p.receiver_ns.clone(),
-            SocketAddrV4::new(p.receiver_ip, 9000),
-        )
-    })?;
-    let table = finish(tracer)?;
     let after = TapCounters::read(&p.tap_a, &p.tap_b);
     println!("{table}");
     let loss_pct = 100.0 * (1.0 - report.received as f64 / report.sent.max(1) as f64);

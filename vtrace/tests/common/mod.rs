@@ -142,3 +142,30 @@ pub fn path_mean(report: &serde_json::Value, from_iface: &str, to_iface: &str) -
     assert!(n > 0, "no path from {from_iface} to {to_iface} in {report}");
     (sum / n as f64, n)
 }
+
+/// Runs `vtrace latency --json` for ICMP to `dst` while pinging it from namespace `sender`
+/// (`count` pings, 20 ms apart); returns the report and ping's figures.
+pub fn trace_pings(
+    sender: &str,
+    dst: std::net::Ipv4Addr,
+    count: u32,
+    extra: &[&str],
+) -> (serde_json::Value, vtrace_lab::PingStats) {
+    let secs = (count as f64 * 0.02 + 3.0).ceil().to_string();
+    let host = dst.to_string();
+    let mut args = vec![
+        "latency",
+        "--json",
+        "--proto",
+        "icmp",
+        "--host",
+        &host,
+        "--duration",
+        &secs,
+    ];
+    args.extend_from_slice(extra);
+    let tracer = start(&args);
+    let stats = vtrace_lab::ping(sender, dst, count, Duration::from_millis(20)).expect("ping runs");
+    let report = serde_json::from_str(&tracer.finish()).expect("one JSON object");
+    (report, stats)
+}

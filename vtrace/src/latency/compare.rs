@@ -170,6 +170,7 @@ mod tests {
         HopRef {
             hook: hook.into(),
             iface: iface.into(),
+            tier: "tracepoint".into(),
         }
     }
 

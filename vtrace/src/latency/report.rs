@@ -110,6 +110,13 @@ pub struct EventCounts {
 pub struct HopRef {
     pub hook: String,
     pub iface: String,
+    /// The tier the hook belongs to: `tracepoint` or `function`.
+    #[serde(default = "tracepoint_tier")]
+    pub tier: String,
+}
+
+fn tracepoint_tier() -> String {
+    "tracepoint".into()
 }
 
 impl HopRef {
@@ -117,6 +124,12 @@ impl HopRef {
         HopRef {
             hook: p.hook.name().to_string(),
             iface: p.iface.to_string(),
+            tier: if p.hook.is_function() {
+                "function"
+            } else {
+                "tracepoint"
+            }
+            .into(),
         }
     }
 }

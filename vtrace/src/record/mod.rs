@@ -40,9 +40,6 @@ use format::{
     Device, DropRecord, FormatError, Frame, Header, Hop, IfaceCounters, Reader, Trailer, Writer,
 };
 
-/// `enum skb_drop_reason` names that are not losses; `report` leaves them out like
-/// `vtrace drops` does without `--all-reasons` (kept in step with drops.rs).
-
 /// How often `record` flushes its buffer (and checks for write errors).
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// How often `record` says how far it is.

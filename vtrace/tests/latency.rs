@@ -41,12 +41,7 @@ fn closure_virtual_path_paths_add_up_to_the_rtt() {
     assert!((0.6..=1.05).contains(&ratio), "ratio {ratio}");
     // The request path crosses the VMM: it is joined across the copy into a new skb.
     let joined = report["paths"].as_array().unwrap().iter().any(|p| {
-        let hops: Vec<String> = p["hops"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(common::hop_name)
-            .collect();
+        let hops = common::path_hops(p);
         hops.iter()
             .any(|h| h == &format!("net_dev_start_xmit@{}", v.tap_in))
             && hops
@@ -84,22 +79,12 @@ fn attribution_vmm_edges_explain_the_extra_rtt() {
             .unwrap()
             .iter()
             .filter(|p| {
-                let hops: Vec<String> = p["hops"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(common::hop_name)
-                    .collect();
+                let hops = common::path_hops(p);
                 hops.contains(&start) && hops.contains(&end)
             })
             .max_by_key(|p| p["count"].as_u64())
             .unwrap_or_else(|| panic!("no path across {tap_a} -> {tap_b}"));
-        let hops: Vec<String> = p["hops"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(common::hop_name)
-            .collect();
+        let hops = common::path_hops(p);
         let (i, j) = (
             hops.iter().position(|h| *h == start).unwrap(),
             hops.iter().position(|h| *h == end).unwrap(),

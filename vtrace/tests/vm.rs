@@ -18,12 +18,7 @@ fn crossing_count(report: &Value, from: &str, to: &str) -> u64 {
         .expect("paths")
         .iter()
         .filter(|p| {
-            let hops: Vec<String> = p["hops"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(common::hop_name)
-                .collect();
+            let hops = common::path_hops(p);
             match (
                 hops.iter().position(|h| h == from),
                 hops.iter().position(|h| h == to),

@@ -41,31 +41,27 @@ pub fn run(seconds: u64) -> Result<()> {
 
     let count = (seconds * 10).max(10) as u32;
     let interval = Duration::from_millis(100);
-    let mut rtts = Vec::new();
-    for (name, sender, dst) in [
-        ("native", native.sender_ns.as_str(), native.receiver_ip),
-        ("virtual", virt.sender_ns.as_str(), virt.receiver_ip),
-    ] {
-        step(&format!("tracing {count} pings across the {name} path"));
-        let json = out_dir.join(format!("{name}.json"));
-        rtts.push(trace_pings(
-            &vtrace,
-            &json,
-            sender,
-            dst,
-            count,
-            interval,
-            seconds + 2,
-        )?);
-    }
-
-    step("where the virtual path's extra time goes (vtrace compare native.json virtual.json)");
-    let cmp = Command::new(&vtrace)
-        .arg("compare")
-        .arg(out_dir.join("native.json"))
-        .arg(out_dir.join("virtual.json"))
-        .output()?;
-    print!("{}", String::from_utf8_lossy(&cmp.stdout));
+    let rtts = ping_and_compare(
+        &vtrace,
+        &out_dir,
+        [
+            (
+                "native",
+                "the native path",
+                native.sender_ns.as_str(),
+                native.receiver_ip,
+            ),
+            (
+                "virtual",
+                "the virtual path",
+                virt.sender_ns.as_str(),
+                virt.receiver_ip,
+            ),
+        ],
+        count,
+        interval,
+        seconds + 2,
+    )?;
     println!("\n  this machine's Table III (ping RTT over the router, mean):");
     println!("    {:<28} {:>10} {:>10}", "", "native", "virtual");
     println!(
@@ -112,6 +108,43 @@ pub fn run(seconds: u64) -> Result<()> {
     drop(slow);
     step(&format!("done; JSON reports are in {}", out_dir.display()));
     Ok(())
+}
+
+/// For each path (name, description, sender namespace, destination): pings under
+/// `vtrace latency -o <name>.json` and prints the breakdown; then prints `vtrace compare` of the
+/// first against the second. Returns ping's mean RTT of each (ms).
+pub(crate) fn ping_and_compare(
+    vtrace: &Path,
+    out_dir: &Path,
+    paths: [(&str, &str, &str, std::net::Ipv4Addr); 2],
+    count: u32,
+    interval: Duration,
+    trace_secs: u64,
+) -> Result<Vec<f64>> {
+    let mut rtts = Vec::new();
+    for (name, what, sender, dst) in paths {
+        step(&format!(
+            "tracing {count} pings across {what}: vtrace latency -o {name}.json"
+        ));
+        let json = out_dir.join(format!("{name}.json"));
+        rtts.push(trace_pings(
+            vtrace, &json, sender, dst, count, interval, trace_secs,
+        )?);
+    }
+    let (a, b) = (paths[0].0, paths[1].0);
+    step(&format!(
+        "where {}'s extra time goes: vtrace compare {a}.json {b}.json",
+        paths[1].1
+    ));
+    let cmp = Command::new(vtrace)
+        .arg("compare")
+        .arg(out_dir.join(format!("{a}.json")))
+        .arg(out_dir.join(format!("{b}.json")))
+        .output()
+        .context("running vtrace compare")?;
+    print!("{}", String::from_utf8_lossy(&cmp.stdout));
+    eprint!("{}", String::from_utf8_lossy(&cmp.stderr));
+    Ok(rtts)
 }
 
 /// Floods `dst` (in `receiver`) from `sender` with 64-byte UDP for `seconds` while `vtrace

@@ -6,18 +6,15 @@
 //! version of the reference paper's Tables III and II beside the paper's numbers. Tears
 //! everything down.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use vtrace_lab::{
     guest::{GuestImage, VmLab, VmLabOptions},
     Lab, LabOptions,
 };
 
-use crate::demo::{build_vtrace, flood_under_drops, step, trace_pings, workspace_root};
+use crate::demo::{build_vtrace, flood_under_drops, ping_and_compare, step, workspace_root};
 
 /// The paper's Table III (ping RTT through the router, idle, Xen 3.2): native Linux router.
 pub(crate) const PAPER_NATIVE_MS: f64 = 0.084;
@@ -81,40 +78,27 @@ pub fn run(seconds: u64) -> Result<()> {
 
     let count = (seconds * PINGS_PER_SECOND).max(20) as u32;
     let interval = Duration::from_millis(1000 / PINGS_PER_SECOND);
-    let mut rtts = Vec::new();
-    for (name, sender, dst) in [
-        ("native", native.sender_ns.as_str(), native.receiver_ip),
-        ("vm", p.sender_ns.as_str(), p.receiver_ip),
-    ] {
-        let what = if name == "vm" {
-            "the virtual router (QEMU guest)"
-        } else {
-            "the native path"
-        };
-        step(&format!(
-            "tracing {count} pings across {what}: vtrace latency -o {name}.json"
-        ));
-        let json = out_dir.join(format!("{name}.json"));
-        rtts.push(trace_pings(
-            &vtrace,
-            &json,
-            sender,
-            dst,
-            count,
-            interval,
-            seconds + 3,
-        )?);
-    }
-
-    step("where the virtual router's extra time goes: vtrace compare native.json vm.json");
-    let cmp = Command::new(&vtrace)
-        .arg("compare")
-        .arg(out_dir.join("native.json"))
-        .arg(out_dir.join("vm.json"))
-        .output()
-        .context("running vtrace compare")?;
-    print!("{}", String::from_utf8_lossy(&cmp.stdout));
-    eprint!("{}", String::from_utf8_lossy(&cmp.stderr));
+    let rtts = ping_and_compare(
+        &vtrace,
+        &out_dir,
+        [
+            (
+                "native",
+                "the native path",
+                native.sender_ns.as_str(),
+                native.receiver_ip,
+            ),
+            (
+                "vm",
+                "the virtual router (QEMU guest)",
+                p.sender_ns.as_str(),
+                p.receiver_ip,
+            ),
+        ],
+        count,
+        interval,
+        seconds + 3,
+    )?;
 
     step(&format!(
         "64-byte UDP flood through the virtual router for {seconds} s: vtrace drops"

@@ -124,6 +124,16 @@ pub fn hop_name(h: &serde_json::Value) -> String {
     )
 }
 
+/// The `hook@iface` names of a path's hops.
+pub fn path_hops(path: &serde_json::Value) -> Vec<String> {
+    path["hops"]
+        .as_array()
+        .expect("hops")
+        .iter()
+        .map(hop_name)
+        .collect()
+}
+
 /// Count-weighted mean of the report's paths that start at `from_iface` and reach `to_iface`,
 /// and how many packets took them.
 pub fn path_mean(report: &serde_json::Value, from_iface: &str, to_iface: &str) -> (f64, u64) {

@@ -40,6 +40,9 @@ pub enum Hook {
     ConsumeSkb = 8,
     /// `skb:kfree_skb`: a free with a drop reason.
     KfreeSkb = 9,
+    /// `napi:napi_poll`: one NAPI poll round of a device. Not a packet hop: it counts rounds
+    /// (in `Counter::Packets`) and feeds driver discovery (`DriverStats`).
+    NapiPoll = 10,
 
     // The function tier (fentry, else kprobe): kernel functions inside a stage. Only
     // functions that take the packet at entry are hops; `FunctionArgs` says where it is.
@@ -64,7 +67,7 @@ pub enum Hook {
 }
 
 /// Number of tracepoint hooks (`Hook` values 0..HOOK_COUNT).
-pub const HOOK_COUNT: usize = 10;
+pub const HOOK_COUNT: usize = 11;
 /// First `Hook` value of the function tier.
 pub const FUNCTION_HOOK_BASE: u32 = 32;
 /// Number of function-tier hooks.
@@ -93,6 +96,7 @@ impl Hook {
         Hook::SkbCopyDatagramIovec,
         Hook::ConsumeSkb,
         Hook::KfreeSkb,
+        Hook::NapiPoll,
     ];
 
     /// The function tier, in `Hook` value order.
@@ -145,6 +149,7 @@ impl Hook {
             Hook::SkbCopyDatagramIovec => "skb_copy_datagram_iovec",
             Hook::ConsumeSkb => "consume_skb",
             Hook::KfreeSkb => "kfree_skb",
+            Hook::NapiPoll => "napi_poll",
         }
     }
 
@@ -189,6 +194,7 @@ impl Hook {
         match self {
             Hook::QdiscDequeue => "qdisc",
             Hook::SkbCopyDatagramIovec | Hook::ConsumeSkb | Hook::KfreeSkb => "skb",
+            Hook::NapiPoll => "napi",
             _ => "net",
         }
     }
@@ -256,6 +262,14 @@ pub struct KernelOffsets {
     pub sk_buff_sk: u32,
     /// `sock.__sk_common.skc_net`: the socket's network namespace (`struct net *`).
     pub sock_net: u32,
+    /// `net_device.netdev_ops` (`const struct net_device_ops *`).
+    pub net_device_netdev_ops: u32,
+    /// `net_device_ops.ndo_start_xmit`: the driver's transmit function.
+    pub net_device_ops_ndo_start_xmit: u32,
+    /// `napi_struct.poll`: the driver's NAPI poll function.
+    pub napi_struct_poll: u32,
+    /// `napi_struct.dev`: the device the NAPI context serves.
+    pub napi_struct_dev: u32,
     pub _pad: u32,
 }
 
@@ -311,6 +325,10 @@ impl Config {
                 sk_buff_skb_iif: 0,
                 sk_buff_sk: 0,
                 sock_net: 0,
+                net_device_netdev_ops: 0,
+                net_device_ops_ndo_start_xmit: 0,
+                napi_struct_poll: 0,
+                napi_struct_dev: 0,
                 _pad: 0,
             },
             flags: 0,
@@ -380,19 +398,58 @@ pub struct DropKey {
     pub ifname: [u8; IFNAMSIZ],
 }
 
-const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 56);
-const _: () = assert!(core::mem::size_of::<Config>() == 56 + 20 + 16 + 16 * MAX_IFACE_FILTERS);
+/// Which driver function a [`DriverKey`] row describes.
+pub mod driver_kind {
+    /// `dev->netdev_ops->ndo_start_xmit`, read at `net_dev_start_xmit` (sampled packets).
+    pub const XMIT: u32 = 0;
+    /// `napi->poll`, read at `napi:napi_poll` (every poll round).
+    pub const NAPI_POLL: u32 = 1;
+}
+
+/// Key of the driver discovery map: which function serves a device, read from the device's
+/// own function pointers at run time (so a NIC driver vtrace has never heard of is found too).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DriverKey {
+    pub netns: u32,
+    pub ifindex: u32,
+    /// `driver_kind` value.
+    pub kind: u32,
+    pub _pad: u32,
+}
+
+/// Value of the driver discovery map (per CPU; userspace sums `calls`, `work`, `budget_full`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Kernel text address of the function (symbolized by userspace from kallsyms).
+    pub func: u64,
+    /// `XMIT`: sampled packets that showed it; `NAPI_POLL`: poll rounds.
+    pub calls: u64,
+    /// `NAPI_POLL`: packets the polls processed (`work`); 0 for `XMIT`.
+    pub work: u64,
+    /// `NAPI_POLL`: polls that used their whole budget (the device had more waiting).
+    pub budget_full: u64,
+    pub ifname: [u8; IFNAMSIZ],
+}
+
+const _: () = assert!(core::mem::size_of::<KernelOffsets>() == 72);
+const _: () = assert!(core::mem::size_of::<DriverKey>() == 16);
+const _: () = assert!(core::mem::size_of::<DriverStats>() == 48);
+const _: () = assert!(core::mem::size_of::<Config>() == 72 + 20 + 16 + 16 * MAX_IFACE_FILTERS);
 const _: () = assert!(core::mem::size_of::<HopEvent>() == 80);
 const _: () = assert!(core::mem::size_of::<DropKey>() == 40);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all four are #[repr(C)], made only of integers and integer arrays, and have no
+    // SAFETY: all of them are #[repr(C)], made only of integers and integer arrays, and have no
     // padding (the sizes are asserted above), so every bit pattern is a valid value.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::HopEvent {}
     unsafe impl aya::Pod for super::DropKey {}
     unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::DriverKey {}
+    unsafe impl aya::Pod for super::DriverStats {}
 }
 
 /// Bytes of `name` as a NUL-padded kernel device name (truncated to IFNAMSIZ-1).

@@ -2,14 +2,14 @@
 
 use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
 use vtrace_common::{
-    flags,
+    driver_kind, drop_flags, flags, hop_flags,
     packet::{self, Filter},
-    drop_flags, hop_flags, Counter, DropKey, Hook, HopEvent, IFNAMSIZ,
+    Counter, DropKey, Hook, HopEvent, IFNAMSIZ,
 };
 
 use crate::{
     config::conf,
-    kernel,
+    drivers, kernel,
     maps::{bump, XmitHandOver, DROPS, EVENTS, TRACKED, XMIT_HANDOVER, XMIT_SLOTS_LEN},
 };
 
@@ -52,7 +52,9 @@ pub fn device_hop(hook: Hook, role: Role, skb: u64, dev: u64) {
         // The cheap checks (loopback, --iface) come before the parse.
         Role::Entry => {
             let Some(d) = device(skb, dev) else { return };
-            let Some(fp) = sampled_packet(hook, skb) else { return };
+            let Some(fp) = sampled_packet(hook, skb) else {
+                return;
+            };
             // Is this skb already tracked with this content? A missing entry, or one with
             // other content (the address was reused after a free that has no tracepoint),
             // starts a new life here.
@@ -68,9 +70,28 @@ pub fn device_hop(hook: Hook, role: Role, skb: u64, dev: u64) {
     }
     if hook == Hook::NetDevStartXmit {
         hand_over(skb, fingerprint);
+        // Driver discovery rides on the sampled packets: a few reads, 1 packet in N.
+        drivers::note(
+            driver_kind::XMIT,
+            &info,
+            drivers::ndo_start_xmit(dev),
+            0,
+            false,
+        );
     }
     let flags = if first { hop_flags::FIRST } else { 0 };
-    emit(Hop { hook, skb, fingerprint, reason: 0, location: 0, flags, len: kernel::skb_len(skb) }, &info);
+    emit(
+        Hop {
+            hook,
+            skb,
+            fingerprint,
+            reason: 0,
+            location: 0,
+            flags,
+            len: kernel::skb_len(skb),
+        },
+        &info,
+    );
 }
 
 /// The hop's device (the tracepoint's own device argument where it has one, else `skb->dev`)
@@ -99,10 +120,25 @@ pub fn xmit_done_hop(hook: Hook, skb: u64, dev: u64, len: u32) {
     if conf!(flags) & flags::TRACK == 0 {
         return;
     }
-    let Some(fingerprint) = take_hand_over(skb) else { return };
-    let Some((dev, ifindex)) = device(skb, dev) else { return };
+    let Some(fingerprint) = take_hand_over(skb) else {
+        return;
+    };
+    let Some((dev, ifindex)) = device(skb, dev) else {
+        return;
+    };
     let info = kernel::dev_info(dev, ifindex);
-    emit(Hop { hook, skb, fingerprint, reason: 0, location: 0, flags: 0, len }, &info);
+    emit(
+        Hop {
+            hook,
+            skb,
+            fingerprint,
+            reason: 0,
+            location: 0,
+            flags: 0,
+            len,
+        },
+        &info,
+    );
 }
 
 /// Leaves the fingerprint of `skb` for `net_dev_xmit` on this CPU, in a free slot (or the
@@ -201,7 +237,15 @@ pub fn reader_hop(hook: Hook, skb: u64) {
     }
     if let Some(fp) = tracked(skb) {
         let _ = TRACKED.remove(&skb);
-        let hop = Hop { hook, skb, fingerprint: fp, reason: 0, location: 0, flags: 0, len: kernel::skb_len(skb) };
+        let hop = Hop {
+            hook,
+            skb,
+            fingerprint: fp,
+            reason: 0,
+            location: 0,
+            flags: 0,
+            len: kernel::skb_len(skb),
+        };
         emit(hop, &kernel::dev_info(0, 0));
     }
 }
@@ -222,7 +266,12 @@ pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
                 count_drop(&info, reason, location, 0);
                 dev_info = Some(info);
             } else {
-                count_drop(&kernel::arrival_info(skb), reason, location, drop_flags::ARRIVAL_DEVICE);
+                count_drop(
+                    &kernel::arrival_info(skb),
+                    reason,
+                    location,
+                    drop_flags::ARRIVAL_DEVICE,
+                );
             }
         }
     }

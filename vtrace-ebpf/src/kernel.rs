@@ -67,7 +67,10 @@ pub fn dev_name(dev: u64) -> [u8; IFNAMSIZ] {
     if dev != 0 {
         // SAFETY: see `read`; the destination is a stack array of IFNAMSIZ bytes.
         let _ = unsafe {
-            bpf_probe_read_kernel_buf((dev + conf!(offsets.net_device_name) as u64) as *const u8, &mut name)
+            bpf_probe_read_kernel_buf(
+                (dev + conf!(offsets.net_device_name) as u64) as *const u8,
+                &mut name,
+            )
         };
     }
     name
@@ -112,7 +115,11 @@ pub fn arrival_info(skb: u64) -> DevInfo {
                 netns = read::<u32>(net, conf!(offsets.net_ns_inum)).unwrap_or(0);
             }
         }
-        DevInfo { ifindex, netns, name: [0; IFNAMSIZ] }
+        DevInfo {
+            ifindex,
+            netns,
+            name: [0; IFNAMSIZ],
+        }
     }
 }
 
@@ -153,4 +160,11 @@ pub fn headers(skb: u64) -> Option<Headers> {
         bpf_probe_read_kernel_buf((l3_addr + l3.l4_off as u64) as *const u8, &mut l4).ok()?;
         Some(Headers { l3, l4 })
     }
+}
+
+/// A pointer-sized field of a kernel struct, 0 when unreadable.
+#[inline(always)]
+pub fn read_u64(base: u64, off: u32) -> u64 {
+    // SAFETY: see `read`.
+    unsafe { read::<u64>(base, off) }.unwrap_or(0)
 }

@@ -8,6 +8,7 @@
 #![no_main]
 
 mod config;
+mod drivers;
 mod hop;
 mod kernel;
 mod maps;

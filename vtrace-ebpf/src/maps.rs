@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use vtrace_common::{counter_slot, Counter, DropKey, Hook, COUNTER_SLOTS};
+use vtrace_common::{counter_slot, Counter, DriverKey, DriverStats, DropKey, Hook, COUNTER_SLOTS};
 
 /// Per-hook rows of `Counter`s: every packet, lost events, failed inserts, ...
 #[map]
@@ -36,7 +36,8 @@ pub struct XmitHandOver {
 pub const XMIT_SLOTS_LEN: u32 = 8;
 
 #[map]
-pub static XMIT_HANDOVER: PerCpuArray<XmitHandOver> = PerCpuArray::with_max_entries(XMIT_SLOTS_LEN, 0);
+pub static XMIT_HANDOVER: PerCpuArray<XmitHandOver> =
+    PerCpuArray::with_max_entries(XMIT_SLOTS_LEN, 0);
 
 /// Hop events of sampled packets, for userspace to join and time. The loader sizes it.
 #[map]
@@ -54,3 +55,8 @@ pub fn bump(hook: Hook, c: Counter) {
         unsafe { *p += 1 };
     }
 }
+
+/// Driver discovery (see `drivers.rs`): per device and kind, the function and its call counts.
+#[map]
+pub static DRIVERS: PerCpuHashMap<DriverKey, DriverStats> =
+    PerCpuHashMap::with_max_entries(1024, 0);

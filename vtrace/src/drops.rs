@@ -72,6 +72,10 @@ pub struct DropsReport {
     pub ifaces: Vec<IfaceEntry>,
     pub kfree_skb_calls: u64,
     pub failed_map_inserts: u64,
+    /// NAPI poll rounds per device, with the driver's poll function (read at run time): a
+    /// device whose rounds use their whole budget has more waiting than one round takes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drivers: Vec<crate::discovery::DriverFunction>,
 }
 
 /// Turns raw kernel rows and counter deltas into the report.
@@ -83,6 +87,14 @@ pub struct Resolver {
 }
 
 impl Resolver {
+    /// The driver functions the programs found, named like the drop rows.
+    pub fn drivers(
+        &mut self,
+        tracer: &crate::tracer::Tracer,
+    ) -> Result<Vec<crate::discovery::DriverFunction>> {
+        crate::discovery::discovered(tracer, &mut self.namer, self.kallsyms.as_ref())
+    }
+
     pub fn new() -> Result<Resolver> {
         let btf = kernel::btf::Btf::from_sys_vmlinux()?;
         Ok(Resolver {
@@ -217,7 +229,8 @@ pub fn run(args: &DropsArgs) -> Result<()> {
     config.flags = flags::DROPS;
     let opts = TracerOptions {
         config,
-        hooks: vec![Hook::KfreeSkb],
+        // napi_poll: rounds per device, a few per millisecond at most, not per packet.
+        hooks: vec![Hook::KfreeSkb, Hook::NapiPoll],
         ring_bytes: 4096 * 4,
         functions: false,
     };
@@ -250,6 +263,7 @@ pub fn run(args: &DropsArgs) -> Result<()> {
                     drops,
                     kfree_skb_calls: counters.hook(Hook::KfreeSkb),
                     failed_map_inserts: counters.get(Counter::DropInsertFailed),
+                    drivers: resolver.drivers(tracer)?,
                 });
                 return Ok(());
             }
@@ -362,6 +376,7 @@ pub fn render(r: &DropsReport) -> String {
             let _ = writeln!(s, "    {n}");
         }
     }
+    s.push_str(&crate::discovery::render(&r.drivers));
     if r.failed_map_inserts > 0 {
         let _ = writeln!(
             s,

@@ -8,6 +8,7 @@
 
 mod cli;
 mod cost;
+mod discovery;
 mod drops;
 mod hooks;
 mod kernel;

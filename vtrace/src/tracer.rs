@@ -77,6 +77,7 @@ pub fn program_name(hook: Hook) -> &'static str {
         Hook::SkbCopyDatagramIovec => "vt_sock_skb_copy_datagram_iovec",
         Hook::ConsumeSkb => "vt_free_consume_skb",
         Hook::KfreeSkb => "vt_free_kfree_skb",
+        Hook::NapiPoll => "vt_nic_napi_poll",
         Hook::BrHandleFrame => "vt_fn_br_handle_frame",
         Hook::BrForward => "vt_fn_br_forward",
         Hook::BrPassFrameUp => "vt_fn_br_pass_frame_up",
@@ -359,6 +360,11 @@ impl Tracer {
         for (hook, how) in std::mem::take(&mut self.attached) {
             self.unload(hook, how);
         }
+    }
+
+    /// One of the object's maps, to read (see `discovery`).
+    pub fn map(&self, name: &str) -> Option<&aya::maps::Map> {
+        self.ebpf.map(name)
     }
 
     /// Sums of the per-CPU counters.

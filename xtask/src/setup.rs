@@ -10,12 +10,15 @@ use std::{
 use anyhow::{bail, Context, Result};
 
 /// Debian packages the lab and the tests use: `ip` (namespaces, veth, bridges), `ping`,
-/// `nft` (a drop rule in the drops tests), `bpftool` (checks that nothing stays loaded).
+/// `nft` (a drop rule in the drops tests), `bpftool` (checks that nothing stays loaded),
+/// `ethtool` (turns on veth GRO, which gives a veth a NAPI poll, in the driver discovery test),
+/// `prometheus` (scrapes `vtrace serve` in its test).
 const PACKAGES: &[(&str, &str)] = &[
     ("iproute2", "/usr/sbin/ip"),
     ("iputils-ping", "/usr/bin/ping"),
     ("nftables", "/usr/sbin/nft"),
     ("bpftool", "/usr/sbin/bpftool"),
+    ("ethtool", "/usr/sbin/ethtool"),
     ("prometheus", "/usr/bin/prometheus"),
 ];
 

@@ -63,12 +63,28 @@ macro_rules! function_hook {
     };
 }
 
-function_hook!(vt_fn_br_handle_frame, vt_fn_br_handle_frame_kp, Hook::BrHandleFrame);
+function_hook!(
+    vt_fn_br_handle_frame,
+    vt_fn_br_handle_frame_kp,
+    Hook::BrHandleFrame
+);
 function_hook!(vt_fn_br_forward, vt_fn_br_forward_kp, Hook::BrForward);
-function_hook!(vt_fn_br_pass_frame_up, vt_fn_br_pass_frame_up_kp, Hook::BrPassFrameUp);
+function_hook!(
+    vt_fn_br_pass_frame_up,
+    vt_fn_br_pass_frame_up_kp,
+    Hook::BrPassFrameUp
+);
 function_hook!(vt_fn_br_dev_xmit, vt_fn_br_dev_xmit_kp, Hook::BrDevXmit);
 function_hook!(vt_fn_tun_net_xmit, vt_fn_tun_net_xmit_kp, Hook::TunNetXmit);
 function_hook!(vt_fn_tun_do_read, vt_fn_tun_do_read_kp, Hook::TunDoRead);
-function_hook!(vt_fn_xenvif_start_xmit, vt_fn_xenvif_start_xmit_kp, Hook::XenvifStartXmit);
+function_hook!(
+    vt_fn_xenvif_start_xmit,
+    vt_fn_xenvif_start_xmit_kp,
+    Hook::XenvifStartXmit
+);
 function_hook!(vt_fn_veth_xmit, vt_fn_veth_xmit_kp, Hook::VethXmit);
-function_hook!(vt_fn_virtio_start_xmit, vt_fn_virtio_start_xmit_kp, Hook::VirtioStartXmit);
+function_hook!(
+    vt_fn_virtio_start_xmit,
+    vt_fn_virtio_start_xmit_kp,
+    Hook::VirtioStartXmit
+);

@@ -3,6 +3,7 @@
 
 mod free;
 mod functions;
+mod napi;
 mod probe;
 mod rx;
 mod socket;

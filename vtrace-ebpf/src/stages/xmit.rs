@@ -42,13 +42,23 @@ pub fn vt_tx_net_dev_start_xmit_raw(ctx: RawTracePointContext) -> i32 {
 // skb->dev already points at the peer.
 #[btf_tracepoint(function = "net_dev_xmit")]
 pub fn vt_tx_net_dev_xmit(ctx: BtfTracePointContext) -> i32 {
-    xmit_done_hop(Hook::NetDevXmit, ctx.arg(0), ctx.arg(2), ctx.arg::<u64>(3) as u32);
+    xmit_done_hop(
+        Hook::NetDevXmit,
+        ctx.arg(0),
+        ctx.arg(2),
+        ctx.arg::<u64>(3) as u32,
+    );
     0
 }
 
 #[raw_tracepoint(tracepoint = "net_dev_xmit")]
 pub fn vt_tx_net_dev_xmit_raw(ctx: RawTracePointContext) -> i32 {
-    xmit_done_hop(Hook::NetDevXmit, ctx.arg(0), ctx.arg(2), ctx.arg::<u64>(3) as u32);
+    xmit_done_hop(
+        Hook::NetDevXmit,
+        ctx.arg(0),
+        ctx.arg(2),
+        ctx.arg::<u64>(3) as u32,
+    );
     0
 }
 

@@ -37,6 +37,11 @@ pub fn resolve_offsets(btf: &btf::Btf) -> Result<KernelOffsets> {
         sk_buff_sk: off("sk_buff", "sk")?,
         // sock_common's skc_net is a possible_net_t: its `net` pointer is at its start.
         sock_net: off("sock", "__sk_common.skc_net")? + off("possible_net_t", "net").unwrap_or(0),
+        // Driver discovery: the device's own function pointers.
+        net_device_netdev_ops: off("net_device", "netdev_ops")?,
+        net_device_ops_ndo_start_xmit: off("net_device_ops", "ndo_start_xmit")?,
+        napi_struct_poll: off("napi_struct", "poll")?,
+        napi_struct_dev: off("napi_struct", "dev")?,
         _pad: 0,
     })
 }

@@ -211,6 +211,7 @@ mod tests {
             notes: vec![],
             events: Default::default(),
             cost: vec![],
+            drivers: vec![],
         }
     }
 

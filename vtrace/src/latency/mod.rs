@@ -18,7 +18,7 @@ use join::{HopIn, Joiner};
 use report::{Aggregate, LatencyReport};
 
 /// The hooks `latency` attaches: the stable tracepoint tier.
-pub const HOOKS: [Hook; 10] = Hook::TRACEPOINTS;
+pub const HOOKS: [Hook; vtrace_common::HOOK_COUNT] = Hook::TRACEPOINTS;
 
 /// Whether a hop names its own device. A reader's copy and a normal free have none (they take
 /// the device the skb was last seen on); a drop names the device it happened at, when the
@@ -86,6 +86,11 @@ impl Pipeline {
         for obs in self.joiner.drain() {
             self.agg.add(obs);
         }
+    }
+
+    /// Names devices as the report does (`name@netns`).
+    pub fn namer(&mut self) -> &mut IfaceNamer {
+        &mut self.namer
     }
 
     /// The histograms so far (`report` first folds in the packets whose window has passed).
@@ -162,6 +167,9 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
                 lost: counters.get(Counter::LostEvents),
             };
             if last {
+                let kallsyms = crate::kernel::kallsyms::Kallsyms::load().ok();
+                report.drivers =
+                    crate::discovery::discovered(tracer, pipeline.namer(), kallsyms.as_ref())?;
                 final_report = Some(report);
             } else if live {
                 print!("\x1b[2J\x1b[H{}", report.render(args.top));

@@ -94,6 +94,7 @@ impl Aggregate {
             notes: Vec::new(),
             events: EventCounts::default(),
             cost: Vec::new(),
+            drivers: Vec::new(),
         }
     }
 }
@@ -226,6 +227,9 @@ pub struct LatencyReport {
     /// vtrace's own cost per hook, with `--cost`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cost: Vec<crate::cost::ProgramCost>,
+    /// Driver functions read from the devices at run time (final report of a live run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drivers: Vec<crate::discovery::DriverFunction>,
 }
 
 pub fn fmt_ns(ns: f64) -> String {
@@ -323,6 +327,7 @@ impl LatencyReport {
                 crate::cost::render(&self.cost)
             );
         }
+        s.push_str(&crate::discovery::render(&self.drivers));
         for n in &self.notes {
             let _ = writeln!(s, "note: {n}");
         }

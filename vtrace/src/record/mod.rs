@@ -466,6 +466,8 @@ fn drops_report(trailer: Option<&Trailer>, duration_s: f64, counters: &Counters)
         drops,
         kfree_skb_calls: counters.hook(Hook::KfreeSkb),
         failed_map_inserts: counters.get(Counter::DropInsertFailed),
+        // Record files keep hop events and counters, not the driver discovery table.
+        drivers: Vec::new(),
     }
 }
 

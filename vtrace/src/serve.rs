@@ -285,7 +285,7 @@ fn render(snap: &Snapshot, process: Option<ProcessStats>) -> String {
     e.family(
         "vtrace_hook_packets_total",
         "counter",
-        "Packets seen at each hook (tracepoint), every packet, counted in the kernel.",
+        "Packets seen at each hook (tracepoint), every packet, counted in the kernel (napi_poll: poll rounds).",
     );
     for h in latency::HOOKS {
         e.sample(

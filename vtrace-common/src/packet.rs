@@ -10,12 +10,45 @@
 //! This code runs in the eBPF programs (on fixed-size buffers read with `bpf_probe_read_kernel`,
 //! constant indices only, so the verifier has nothing to prove) and in userspace tests.
 
-/// Bytes read at the Ethernet header: 14 + two VLAN tags.
-pub const L2_READ: usize = 22;
+/// Bytes read at the Ethernet header: 14 + two VLAN tags, rounded up to whole words.
+pub const L2_READ: usize = 24;
 /// Bytes read at the network header: a full IPv6 header, or IPv4 without options.
 pub const L3_READ: usize = 40;
 /// Bytes read at the transport header: TCP up to its flags, UDP/ICMP header and 16 payload bytes.
 pub const L4_READ: usize = 24;
+
+/// The headers are read into buffers of 64-bit words and taken apart with shifts: the eBPF
+/// programs then load whole words from aligned stack slots instead of single bytes, which keeps
+/// both their instruction count and their stack frame small. Byte `i` of a buffer is bits
+/// `8*(i%8)..` of word `i/8` (little-endian: the eBPF target and the userspace hosts vtrace
+/// runs on).
+pub type EthWords = [u64; L2_READ / 8];
+pub type IpWords = [u64; L3_READ / 8];
+pub type L4Words = [u64; L4_READ / 8];
+
+/// Packs bytes into little-endian words (userspace: tests, generated packets); missing bytes
+/// are 0.
+pub fn words<const W: usize>(bytes: &[u8]) -> [u64; W] {
+    let mut out = [0u64; W];
+    let mut i = 0;
+    while i < W * 8 && i < bytes.len() {
+        out[i / 8] |= (bytes[i] as u64) << (8 * (i % 8));
+        i += 1;
+    }
+    out
+}
+
+/// Byte `i` of a word buffer (a constant index: a shift and a mask).
+#[inline(always)]
+fn byte<const W: usize>(w: &[u64; W], i: usize) -> u8 {
+    (w[i / 8] >> (8 * (i % 8))) as u8
+}
+
+/// Big-endian 16-bit field at byte `i`.
+#[inline(always)]
+fn be16_at<const W: usize>(w: &[u64; W], i: usize) -> u16 {
+    ((byte(w, i) as u16) << 8) | byte(w, i + 1) as u16
+}
 
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
@@ -30,14 +63,15 @@ pub const IPPROTO_ICMPV6: u8 = 58;
 /// Where the network header starts relative to the Ethernet header, and its ethertype, after
 /// stepping over up to two in-band VLAN tags (802.1Q / 802.1ad). Tags the NIC stripped into
 /// `skb->vlan_tci` are not in memory and need no stepping over.
-pub fn parse_l2(eth: &[u8; L2_READ]) -> Option<(u16, u32)> {
-    let mut ethertype = be16(eth[12], eth[13]);
+#[inline(always)]
+pub fn parse_l2(eth: &EthWords) -> Option<(u16, u32)> {
+    let mut ethertype = be16_at(eth, 12);
     let mut off = 14u32;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        ethertype = be16(eth[16], eth[17]);
+        ethertype = be16_at(eth, 16);
         off = 18;
         if ethertype == ETH_P_8021Q {
-            ethertype = be16(eth[20], eth[21]);
+            ethertype = be16_at(eth, 20);
             off = 22;
         }
     }
@@ -56,64 +90,54 @@ pub struct L3 {
     pub l4_off: u32,
     /// Bytes of transport header and payload (IP total length minus the IP header).
     pub l4_len: u32,
-    /// IPv4 addresses as v4-mapped IPv6 (::ffff:a.b.c.d).
-    pub src: [u8; 16],
-    pub dst: [u8; 16],
+    /// The 16-byte address as two little-endian words; IPv4 as v4-mapped IPv6
+    /// (::ffff:a.b.c.d).
+    pub src: [u64; 2],
+    pub dst: [u64; 2],
     /// IPv4 identification, or the IPv6 flow label.
     pub ident: u32,
 }
 
-pub fn parse_l3(ethertype: u16, ip: &[u8; L3_READ]) -> Option<L3> {
+/// The second word of a v4-mapped address (bytes 8..16: 00 00 ff ff a b c d) from the IPv4
+/// address's four bytes as a little-endian u32.
+#[inline(always)]
+fn v4_mapped(addr_le: u64) -> [u64; 2] {
+    [0, 0xffff_0000 | (addr_le << 32)]
+}
+
+#[inline(always)]
+pub fn parse_l3(ethertype: u16, ip: &IpWords) -> Option<L3> {
+    let version = byte(ip, 0) >> 4;
     if ethertype == ETH_P_IP {
-        if ip[0] >> 4 != 4 {
+        if version != 4 {
             return None;
         }
-        let ihl = ((ip[0] & 0x0f) as u32) * 4;
-        let total = be16(ip[2], ip[3]) as u32;
+        let ihl = ((byte(ip, 0) & 0x0f) as u32) * 4;
+        let total = be16_at(ip, 2) as u32;
         if ihl < 20 || total < ihl {
             return None;
         }
-        let mut src = [0u8; 16];
-        let mut dst = [0u8; 16];
-        src[10] = 0xff;
-        src[11] = 0xff;
-        dst[10] = 0xff;
-        dst[11] = 0xff;
-        src[12] = ip[12];
-        src[13] = ip[13];
-        src[14] = ip[14];
-        src[15] = ip[15];
-        dst[12] = ip[16];
-        dst[13] = ip[17];
-        dst[14] = ip[18];
-        dst[15] = ip[19];
         Some(L3 {
-            proto: ip[9],
+            proto: byte(ip, 9),
             l4_off: ihl,
             l4_len: total - ihl,
-            src,
-            dst,
-            ident: be16(ip[4], ip[5]) as u32,
+            // Source at bytes 12..16 (upper half of word 1), destination at 16..20.
+            src: v4_mapped(ip[1] >> 32),
+            dst: v4_mapped(ip[2] & 0xffff_ffff),
+            ident: be16_at(ip, 4) as u32,
         })
     } else if ethertype == ETH_P_IPV6 {
-        if ip[0] >> 4 != 6 {
+        if version != 6 {
             return None;
         }
-        let mut src = [0u8; 16];
-        let mut dst = [0u8; 16];
-        let mut i = 0;
-        while i < 16 {
-            src[i] = ip[8 + i];
-            dst[i] = ip[24 + i];
-            i += 1;
-        }
         Some(L3 {
-            proto: ip[6],
+            proto: byte(ip, 6),
             l4_off: 40,
-            l4_len: be16(ip[4], ip[5]) as u32,
-            src,
-            dst,
-            ident: ((ip[1] as u32 & 0x0f) << 16) | ((ip[2] as u32) << 8) | ip[3] as u32,
+            l4_len: be16_at(ip, 4) as u32,
+            // Source at bytes 8..24, destination at 24..40: whole words.
+            src: [ip[1], ip[2]],
+            dst: [ip[3], ip[4]],
+            ident: ((byte(ip, 1) as u32 & 0x0f) << 16) | be16_at(ip, 2) as u32,
         })
     } else {
         None
@@ -121,9 +145,10 @@ pub fn parse_l3(ethertype: u16, ip: &[u8; L3_READ]) -> Option<L3> {
 }
 
 /// The transport ports, 0 for protocols without ports.
-pub fn ports(l3: &L3, l4: &[u8; L4_READ]) -> (u16, u16) {
+#[inline(always)]
+pub fn ports(l3: &L3, l4: &L4Words) -> (u16, u16) {
     match l3.proto {
-        IPPROTO_TCP | IPPROTO_UDP => (be16(l4[0], l4[1]), be16(l4[2], l4[3])),
+        IPPROTO_TCP | IPPROTO_UDP => (be16_at(l4, 0), be16_at(l4, 2)),
         _ => (0, 0),
     }
 }
@@ -132,13 +157,14 @@ pub fn ports(l3: &L3, l4: &[u8; L4_READ]) -> (u16, u16) {
 ///
 /// `l4` holds what was read at the transport header; only bytes within the packet (`l4_len`)
 /// are hashed, so memory past the end of a short packet never changes the result. The hash
-/// works on 64-bit words (a handful of multiplies): it runs at every device hop of every packet.
-pub fn fingerprint(l3: &L3, l4: &[u8; L4_READ]) -> u64 {
+/// works on 64-bit words (a handful of multiplies): it runs at every entry hop of every packet.
+#[inline(always)]
+pub fn fingerprint(l3: &L3, l4: &L4Words) -> u64 {
     let mut h = Mixer(0x243f_6a88_85a3_08d3);
-    h.word(le64(&l3.src, 0));
-    h.word(le64(&l3.src, 8));
-    h.word(le64(&l3.dst, 0));
-    h.word(le64(&l3.dst, 8));
+    h.word(l3.src[0]);
+    h.word(l3.src[1]);
+    h.word(l3.dst[0]);
+    h.word(l3.dst[1]);
     h.word(((l3.proto as u64) << 32) | l3.l4_len as u64);
     h.word(l3.ident as u64);
     // Transport fields that survive a copy: ports and TCP seq/ack and flags; the UDP length;
@@ -157,11 +183,9 @@ pub fn fingerprint(l3: &L3, l4: &[u8; L4_READ]) -> u64 {
     } else {
         L4_READ as u64
     };
-    let mut k = 0;
-    while k < 3 {
-        h.word(le64(l4, k * 8) & covered_mask(covered, k as u64) & !checksum[k]);
-        k += 1;
-    }
+    h.word(l4[0] & covered_mask(covered, 0) & !checksum[0]);
+    h.word(l4[1] & covered_mask(covered, 1) & !checksum[1]);
+    h.word(l4[2] & covered_mask(covered, 2) & !checksum[2]);
     let v = h.finish();
     if v == 0 {
         1
@@ -184,19 +208,6 @@ fn covered_mask(covered: u64, k: u64) -> u64 {
     }
 }
 
-/// Eight bytes at `at` as a little-endian word (constant offsets: no bounds for the verifier
-/// to prove).
-#[inline(always)]
-fn le64<const N: usize>(b: &[u8; N], at: usize) -> u64 {
-    let mut w = 0u64;
-    let mut i = 0;
-    while i < 8 {
-        w |= (b[at + i] as u64) << (8 * i);
-        i += 1;
-    }
-    w
-}
-
 /// Consistent sampling: every hop, on both sides of a copy, takes the same decision for the
 /// same packet because it is taken from the fingerprint alone.
 pub fn sampled(fingerprint: u64, every: u32) -> bool {
@@ -208,8 +219,9 @@ pub fn sampled(fingerprint: u64, every: u32) -> bool {
 pub struct Filter {
     /// IP protocol, 0 = any.
     pub proto: u8,
-    /// Source or destination address (v4-mapped for IPv4), when `host_set`.
-    pub host: [u8; 16],
+    /// Source or destination address (v4-mapped for IPv4) as two little-endian words (see
+    /// `words`), when `host_set`.
+    pub host: [u64; 2],
     pub host_set: bool,
     /// Source or destination port, 0 = any.
     pub port: u16,
@@ -220,7 +232,7 @@ impl Filter {
         if self.proto != 0 && self.proto != l3.proto {
             return false;
         }
-        if self.host_set && !eq16(&self.host, &l3.src) && !eq16(&self.host, &l3.dst) {
+        if self.host_set && self.host != l3.src && self.host != l3.dst {
             return false;
         }
         if self.port != 0 && self.port != sport && self.port != dport {
@@ -228,22 +240,6 @@ impl Filter {
         }
         true
     }
-}
-
-fn eq16(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    let mut i = 0;
-    while i < 16 {
-        if a[i] != b[i] {
-            return false;
-        }
-        i += 1;
-    }
-    true
-}
-
-#[inline(always)]
-fn be16(hi: u8, lo: u8) -> u16 {
-    ((hi as u16) << 8) | lo as u16
 }
 
 /// A multiply-xorshift mixer over 64-bit words (the finalizer is MurmurHash3's fmix64).

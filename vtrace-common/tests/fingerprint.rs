@@ -39,16 +39,14 @@ fn icmp_frame_with(vlan: bool, ttl: u8, seq: u16, ip_id: u16, payload_len: usize
 fn fp_of(frame: &[u8], garbage_after: u8) -> Option<(u64, L3)> {
     let mut buf = frame.to_vec();
     buf.resize(frame.len() + 64, garbage_after);
-    let mut eth = [0u8; L2_READ];
-    eth.copy_from_slice(&buf[..L2_READ]);
+    // As the eBPF programs read them: fixed-size reads into word buffers.
+    let eth: EthWords = words(&buf[..L2_READ]);
     let (ethertype, off) = parse_l2(&eth)?;
     let off = off as usize;
-    let mut ip = [0u8; L3_READ];
-    ip.copy_from_slice(&buf[off..off + L3_READ]);
+    let ip: IpWords = words(&buf[off..off + L3_READ]);
     let l3 = parse_l3(ethertype, &ip)?;
     let l4_at = off + l3.l4_off as usize;
-    let mut l4 = [0u8; L4_READ];
-    l4.copy_from_slice(&buf[l4_at..l4_at + L4_READ]);
+    let l4: L4Words = words(&buf[l4_at..l4_at + L4_READ]);
     Some((fingerprint(&l3, &l4), l3))
 }
 
@@ -100,8 +98,7 @@ fn ipv6_udp_ports_and_flow_label() {
     let (fp, l3) = fp_of(&f, 0).unwrap();
     assert_eq!(l3.proto, IPPROTO_UDP);
     assert_eq!(l3.ident, 0x12345);
-    let mut l4 = [0u8; L4_READ];
-    l4[..4].copy_from_slice(&[0x30, 0x39, 0x1f, 0x90]);
+    let l4: L4Words = words(&[0x30, 0x39, 0x1f, 0x90]);
     assert_eq!(ports(&l3, &l4), (12345, 8080));
     let filter = Filter {
         proto: IPPROTO_UDP,
@@ -172,4 +169,34 @@ fn sampling_of_real_fingerprints_is_near_the_rate() {
         "about 1 in 16 of {n}: {chosen}"
     );
     assert!((0..100u16).all(|s| sampled(fp_of(&icmp_frame(false, 64, s, 1), 0).unwrap().0, 1)));
+}
+
+/// `--host 198.18.1.2` reaches the programs as the v4-mapped octets (`Config::host`), packed
+/// into words there: they must equal the parsed IPv4 destination, word for word.
+#[test]
+fn an_ipv4_host_filter_matches_the_parsed_address() {
+    let f = icmp_frame(false, 64, 1, 1);
+    let (_, l3) = fp_of(&f, 0).unwrap();
+    let mapped = std::net::Ipv4Addr::new(198, 18, 1, 2)
+        .to_ipv6_mapped()
+        .octets();
+    let host: [u64; 2] = words(&mapped);
+    assert_eq!(l3.dst, host);
+    let filter = Filter {
+        proto: 0,
+        host,
+        host_set: true,
+        port: 0,
+    };
+    assert!(filter.matches(&l3, 0, 0));
+    let other: [u64; 2] = words(
+        &std::net::Ipv4Addr::new(198, 18, 1, 3)
+            .to_ipv6_mapped()
+            .octets(),
+    );
+    assert!(!Filter {
+        host: other,
+        ..filter
+    }
+    .matches(&l3, 0, 0));
 }

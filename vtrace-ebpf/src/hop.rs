@@ -9,7 +9,8 @@ use vtrace_common::{
 
 use crate::{
     config::conf,
-    drivers, kernel,
+    drivers,
+    kernel::{self, Access, Untyped},
     maps::{bump, XmitHandOver, DROPS, EVENTS, TRACKED, XMIT_HANDOVER, XMIT_SLOTS_LEN},
 };
 
@@ -38,23 +39,28 @@ pub enum Role {
 /// The tracking map is written only for sampled packets: at `--sample 16` the other 15 in 16
 /// cost a parse and a hash at entry hooks and one lookup at transit hooks.
 #[inline(always)]
-pub fn device_hop(hook: Hook, role: Role, skb: u64, dev: u64) {
+pub fn device_hop<A: Access>(hook: Hook, role: Role, skb: u64, dev: u64) {
     bump(hook, Counter::Packets);
     if conf!(flags) & flags::TRACK == 0 {
         return;
     }
     let (fingerprint, first, (dev, ifindex)) = match role {
         Role::Transit => {
-            let Some(fp) = tracked(skb) else { return };
-            let Some(d) = device(skb, dev) else { return };
+            let Some(fp) = tracked::<A>(skb) else { return };
+            let Some(d) = device::<A>(skb, dev) else {
+                return;
+            };
             (fp, false, d)
         }
         // The cheap checks (loopback, --iface) come before the parse.
         Role::Entry => {
-            let Some(d) = device(skb, dev) else { return };
-            let Some(fp) = sampled_packet(hook, skb) else {
+            let Some(d) = device::<A>(skb, dev) else {
                 return;
             };
+            let fp = sampled_packet::<A>(hook, skb);
+            if fp == 0 {
+                return;
+            }
             // Is this skb already tracked with this content? A missing entry, or one with
             // other content (the address was reused after a free that has no tracepoint),
             // starts a new life here.
@@ -98,9 +104,13 @@ pub fn device_hop(hook: Hook, role: Role, skb: u64, dev: u64) {
 /// and its ifindex, or None when the loopback or `--iface` filter leaves it out. The name is
 /// read here only when `--iface` needs it.
 #[inline(always)]
-fn device(skb: u64, dev: u64) -> Option<(u64, u32)> {
-    let dev = if dev == 0 { kernel::skb_dev(skb) } else { dev };
-    let ifindex = kernel::dev_ifindex(dev);
+fn device<A: Access>(skb: u64, dev: u64) -> Option<(u64, u32)> {
+    let dev = if dev == 0 {
+        kernel::skb_dev_as::<A>(skb)
+    } else {
+        dev
+    };
+    let ifindex = kernel::dev_ifindex_as::<A>(dev);
     if conf!(flags) & flags::SKIP_LOOPBACK != 0 && ifindex == LOOPBACK_IFINDEX {
         return None;
     }
@@ -115,7 +125,7 @@ fn device(skb: u64, dev: u64) -> Option<(u64, u32)> {
 /// from it: the packet is recognised from the hand-over `net_dev_start_xmit` left on this CPU,
 /// the device and length come from the tracepoint's own arguments.
 #[inline(always)]
-pub fn xmit_done_hop(hook: Hook, skb: u64, dev: u64, len: u32) {
+pub fn xmit_done_hop<A: Access>(hook: Hook, skb: u64, dev: u64, len: u32) {
     bump(hook, Counter::Packets);
     if conf!(flags) & flags::TRACK == 0 {
         return;
@@ -123,7 +133,7 @@ pub fn xmit_done_hop(hook: Hook, skb: u64, dev: u64, len: u32) {
     let Some(fingerprint) = take_hand_over(skb) else {
         return;
     };
-    let Some((dev, ifindex)) = device(skb, dev) else {
+    let Some((dev, ifindex)) = device::<A>(skb, dev) else {
         return;
     };
     let info = kernel::dev_info(dev, ifindex);
@@ -182,41 +192,43 @@ fn take_hand_over(skb: u64) -> Option<u64> {
     None
 }
 
-/// Parses the packet; returns its fingerprint when it passes the filter and the sample.
-#[inline(always)]
-fn sampled_packet(hook: Hook, skb: u64) -> Option<u64> {
-    let Some(h) = kernel::headers(skb) else {
+/// Parses the packet; returns its fingerprint when it passes the filter and the sample, else
+/// 0 (never a fingerprint). A BPF subprogram of its own, not inlined: the parse buffers live in
+/// its stack frame, which keeps every program's frame within the 512-byte limit.
+#[inline(never)]
+fn sampled_packet<A: Access>(hook: Hook, skb: u64) -> u64 {
+    let Some(h) = kernel::headers::<A>(skb) else {
         bump(hook, Counter::Unparsed);
-        return None;
+        return 0;
     };
     let fl = conf!(flags);
     if fl & (flags::FILTER_PROTO | flags::FILTER_HOST | flags::FILTER_PORT) != 0 {
         let (sport, dport) = packet::ports(&h.l3, &h.l4);
         let filter = Filter {
             proto: conf!(proto) as u8,
-            host: conf!(host),
+            host: packet::words(&conf!(host)),
             host_set: fl & flags::FILTER_HOST != 0,
             port: conf!(port),
         };
         if !filter.matches(&h.l3, sport, dport) {
-            return None;
+            return 0;
         }
     }
     let fp = packet::fingerprint(&h.l3, &h.l4);
     if !packet::sampled(fp, conf!(sample_every)) {
-        return None;
+        return 0;
     }
     bump(hook, Counter::Sampled);
-    Some(fp)
+    fp
 }
 
 /// The tracked fingerprint of `skb`, checked against its current content: an entry left by a
 /// free we could not see belongs to an earlier packet at the same address, and is dropped.
 #[inline(always)]
-fn tracked(skb: u64) -> Option<u64> {
+fn tracked<A: Access>(skb: u64) -> Option<u64> {
     // SAFETY: the value is a plain u64 copied out at once.
     let fp = unsafe { TRACKED.get(&skb) }.copied()?;
-    let now = kernel::headers(skb).map(|h| packet::fingerprint(&h.l3, &h.l4));
+    let now = kernel::headers::<A>(skb).map(|h| packet::fingerprint(&h.l3, &h.l4));
     if now != Some(fp) {
         let _ = TRACKED.remove(&skb);
         return None;
@@ -230,12 +242,12 @@ fn tracked(skb: u64) -> Option<u64> {
 /// `__consume_stateless_skb`, TCP's `__kfree_skb`): forgetting the address here keeps the
 /// tracking map free of entries whose free we would never see.
 #[inline(always)]
-pub fn reader_hop(hook: Hook, skb: u64) {
+pub fn reader_hop<A: Access>(hook: Hook, skb: u64) {
     bump(hook, Counter::Packets);
     if conf!(flags) & flags::TRACK == 0 {
         return;
     }
-    if let Some(fp) = tracked(skb) {
+    if let Some(fp) = tracked::<A>(skb) {
         let _ = TRACKED.remove(&skb);
         let hop = Hop {
             hook,
@@ -278,7 +290,7 @@ pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
     if fl & flags::TRACK == 0 {
         return;
     }
-    if let Some(fp) = tracked(skb) {
+    if let Some(fp) = tracked::<Untyped>(skb) {
         // Forget the address now: the next skb allocated here is another packet.
         let _ = TRACKED.remove(&skb);
         // A drop names the device it happened at (skb->dev), whatever else is enabled; a

@@ -6,7 +6,7 @@
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
 use vtrace_common::{
-    packet::{self, L2_READ, L3_READ, L4_READ},
+    packet::{self, EthWords, IpWords, L4Words},
     IFNAMSIZ,
 };
 
@@ -20,6 +20,56 @@ const HEADER_UNSET: u16 = 0xffff;
 unsafe fn read<T>(base: u64, off: u32) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel copes with any address; a bad one returns an error.
     unsafe { bpf_probe_read_kernel((base + off as u64) as *const T).ok() }
+}
+
+/// How a program reads a field of a struct the kernel handed it, on the hot path.
+pub trait Access {
+    /// `*(T *)(base + off)`, or None where the read failed (`Untyped` only).
+    fn field<T: Copy>(base: u64, off: u32) -> Option<T>;
+}
+
+/// The arguments of a BTF-typed tracepoint (`tp_btf`) are pointers the verifier knows the type
+/// of, and so are the struct pointers loaded from them. A field is then one plain load, which
+/// the JIT makes fault-safe (`BPF_PROBE_MEM`), instead of a `bpf_probe_read_kernel` call: the
+/// entry hooks read five fields of every packet this way. The verifier checks the load against
+/// the struct's BTF, which needs the offset to be a load-time constant: it is, `CONFIG` is
+/// frozen `.rodata`.
+pub struct Typed;
+
+/// Raw tracepoints and kprobes get plain integers: every read goes through
+/// `bpf_probe_read_kernel`.
+pub struct Untyped;
+
+impl Access for Typed {
+    #[inline(always)]
+    fn field<T: Copy>(base: u64, off: u32) -> Option<T> {
+        // SAFETY: `base` is a BTF-typed pointer the verifier tracks; the load is checked
+        // against its type at load time and fault-safe at run time.
+        Some(unsafe { core::ptr::read((base + off as u64) as *const T) })
+    }
+}
+
+impl Access for Untyped {
+    #[inline(always)]
+    fn field<T: Copy>(base: u64, off: u32) -> Option<T> {
+        // SAFETY: see `read`.
+        unsafe { read::<T>(base, off) }
+    }
+}
+
+/// `skb->dev`, read as `A` reads.
+#[inline(always)]
+pub fn skb_dev_as<A: Access>(skb: u64) -> u64 {
+    A::field::<u64>(skb, conf!(offsets.sk_buff_dev)).unwrap_or(0)
+}
+
+/// `dev->ifindex`, read as `A` reads.
+#[inline(always)]
+pub fn dev_ifindex_as<A: Access>(dev: u64) -> u32 {
+    if dev == 0 {
+        return 0;
+    }
+    A::field::<u32>(dev, conf!(offsets.net_device_ifindex)).unwrap_or(0)
 }
 
 /// `skb->dev`.
@@ -126,7 +176,7 @@ pub fn arrival_info(skb: u64) -> DevInfo {
 /// The packet's headers, read from the skb's linear data.
 pub struct Headers {
     pub l3: packet::L3,
-    pub l4: [u8; L4_READ],
+    pub l4: L4Words,
 }
 
 /// Finds and reads the network and transport headers of `skb`.
@@ -136,30 +186,33 @@ pub struct Headers {
 /// Ethernet header (mac == network header, e.g. a tun in IFF_TUN mode) is read from the network
 /// header with `skb->protocol` as ethertype.
 #[inline(always)]
-pub fn headers(skb: u64) -> Option<Headers> {
-    // SAFETY: see `read`; destinations are fixed-size stack arrays.
-    unsafe {
-        let head = read::<u64>(skb, conf!(offsets.sk_buff_head))?;
-        let mac = read::<u16>(skb, conf!(offsets.sk_buff_mac_header))?;
-        let net = read::<u16>(skb, conf!(offsets.sk_buff_network_header))?;
-        let (ethertype, l3_addr) = if mac != HEADER_UNSET && (net == HEADER_UNSET || net > mac) {
-            let mut eth = [0u8; L2_READ];
-            bpf_probe_read_kernel_buf((head + mac as u64) as *const u8, &mut eth).ok()?;
-            let (ethertype, off) = packet::parse_l2(&eth)?;
-            (ethertype, head + mac as u64 + off as u64)
-        } else if net != HEADER_UNSET {
-            let proto = u16::from_be(read::<u16>(skb, conf!(offsets.sk_buff_protocol))?);
-            (proto, head + net as u64)
-        } else {
-            return None;
-        };
-        let mut ip = [0u8; L3_READ];
-        bpf_probe_read_kernel_buf(l3_addr as *const u8, &mut ip).ok()?;
-        let l3 = packet::parse_l3(ethertype, &ip)?;
-        let mut l4 = [0u8; L4_READ];
-        bpf_probe_read_kernel_buf((l3_addr + l3.l4_off as u64) as *const u8, &mut l4).ok()?;
-        Some(Headers { l3, l4 })
-    }
+pub fn headers<A: Access>(skb: u64) -> Option<Headers> {
+    // The sk_buff fields as `A` reads them; the packet bytes (behind `head`, a plain
+    // `unsigned char *`) always through bpf_probe_read_kernel.
+    let head = A::field::<u64>(skb, conf!(offsets.sk_buff_head))?;
+    let mac = A::field::<u16>(skb, conf!(offsets.sk_buff_mac_header))?;
+    let net = A::field::<u16>(skb, conf!(offsets.sk_buff_network_header))?;
+    let (ethertype, l3_addr) = if mac != HEADER_UNSET && (net == HEADER_UNSET || net > mac) {
+        let eth: EthWords = read_words(head + mac as u64)?;
+        let (ethertype, off) = packet::parse_l2(&eth)?;
+        (ethertype, head + mac as u64 + off as u64)
+    } else if net != HEADER_UNSET {
+        let proto = u16::from_be(A::field::<u16>(skb, conf!(offsets.sk_buff_protocol))?);
+        (proto, head + net as u64)
+    } else {
+        return None;
+    };
+    let ip: IpWords = read_words(l3_addr)?;
+    let l3 = packet::parse_l3(ethertype, &ip)?;
+    let l4: L4Words = read_words(l3_addr + l3.l4_off as u64)?;
+    Some(Headers { l3, l4 })
+}
+
+/// `W` words of packet data at `addr` (any alignment), into an aligned stack buffer.
+#[inline(always)]
+fn read_words<const W: usize>(addr: u64) -> Option<[u64; W]> {
+    // SAFETY: see `read`; [u64; W] is plain data valid for any bytes.
+    unsafe { bpf_probe_read_kernel(addr as *const [u64; W]).ok() }
 }
 
 /// A pointer-sized field of a kernel struct, 0 when unreadable.

@@ -514,4 +514,49 @@ mod tests {
             "a pointer-to-pointer is not br_forward's argument 0"
         );
     }
+
+    /// Both twins of every tracepoint program pass this kernel's verifier with the offsets
+    /// resolved from its BTF: the tp_btf one (typed loads, checked against the struct layout)
+    /// that runs here, and the raw one (`bpf_probe_read_kernel`) that kernels refusing tp_btf
+    /// fall back to. Loading checks every path of the program, not only those traffic takes.
+    #[test]
+    fn every_tracepoint_program_and_its_raw_twin_pass_the_verifier() {
+        let info = crate::kernel::btf::Btf::from_sys_vmlinux().expect("BTF");
+        let mut config = Config::zeroed();
+        config.offsets = crate::kernel::resolve_offsets(&info).expect("offsets");
+        // Every feature on, so no branch is pruned as dead.
+        config.flags = vtrace_common::flags::TRACK
+            | vtrace_common::flags::DROPS
+            | vtrace_common::flags::FILTER_IFACE
+            | vtrace_common::flags::FILTER_PROTO
+            | vtrace_common::flags::FILTER_HOST
+            | vtrace_common::flags::FILTER_PORT
+            | vtrace_common::flags::SKIP_LOOPBACK;
+        config.sample_every = 16;
+        let btf = Btf::from_sys_fs().expect("BTF");
+        let mut ebpf = EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("CONFIG", &config, true)
+            .map_max_entries("EVENTS", 1 << 16)
+            .map_max_entries("TRACKED", tracked_entries())
+            .load(OBJECT)
+            .expect("object loads");
+        for hook in Hook::TRACEPOINTS {
+            let typed = program_for(hook, Attachment::TpBtf);
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(&typed)
+                .expect("in the object")
+                .try_into()
+                .expect("tp_btf");
+            prog.load(hook.name(), &btf)
+                .unwrap_or_else(|e| panic!("{typed}: {e:?}"));
+            let raw = program_for(hook, Attachment::RawTracepoint);
+            let prog: &mut RawTracePoint = ebpf
+                .program_mut(&raw)
+                .expect("in the object")
+                .try_into()
+                .expect("raw_tp");
+            prog.load().unwrap_or_else(|e| panic!("{raw}: {e:?}"));
+        }
+    }
 }

@@ -497,7 +497,11 @@ fn live_record_matches_a_latency_run_beside_it() {
     let recorder = common::start(&rec_args);
     let live = common::start(&lat_args);
     let links = links_of(recorder.pid());
-    assert_eq!(links.len(), TRACEPOINT_LINKS, "every hook attached: {links:?}");
+    assert_eq!(
+        links.len(),
+        TRACEPOINT_LINKS,
+        "every hook attached: {links:?}"
+    );
     let stats = ping(&v.sender_ns, v.receiver_ip, 20, Duration::from_millis(20)).expect("ping");
     assert_eq!(stats.received, 20, "{stats:?}");
     let live: Value = serde_json::from_str(&live.finish()).expect("latency JSON");

@@ -14,7 +14,10 @@ use aya_ebpf::{
 };
 use vtrace_common::{FunctionArgs, Hook};
 
-use crate::hop::{device_hop, Role};
+use crate::{
+    hop::{device_hop, Role},
+    kernel::Untyped,
+};
 
 /// The argument positions of `hook`, at compile time.
 const fn args_of(hook: Hook) -> FunctionArgs {
@@ -33,7 +36,9 @@ fn hop(hook: Hook, skb: u64, dev: u64) {
         skb
     };
     if skb != 0 {
-        device_hop(hook, Role::Transit, skb, dev);
+        // Untyped for fentry too: some hooks take `struct sk_buff **`, whose pointee is read as
+        // a plain integer; one body serves both attach types.
+        device_hop::<Untyped>(hook, Role::Transit, skb, dev);
     }
 }
 

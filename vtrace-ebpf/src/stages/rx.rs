@@ -9,41 +9,42 @@ use aya_ebpf::{
 use vtrace_common::Hook;
 
 use crate::hop::{device_hop, Role};
+use crate::kernel::{Typed, Untyped};
 
 // TP_PROTO(struct sk_buff *skb) for all three (include/trace/events/net.h).
 
 #[btf_tracepoint(function = "netif_receive_skb")]
 pub fn vt_rx_netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
-    device_hop(Hook::NetifReceiveSkb, Role::Entry, ctx.arg(0), 0);
+    device_hop::<Typed>(Hook::NetifReceiveSkb, Role::Entry, ctx.arg(0), 0);
     0
 }
 
 #[raw_tracepoint(tracepoint = "netif_receive_skb")]
 pub fn vt_rx_netif_receive_skb_raw(ctx: RawTracePointContext) -> i32 {
-    device_hop(Hook::NetifReceiveSkb, Role::Entry, ctx.arg(0), 0);
+    device_hop::<Untyped>(Hook::NetifReceiveSkb, Role::Entry, ctx.arg(0), 0);
     0
 }
 
 #[btf_tracepoint(function = "netif_rx")]
 pub fn vt_rx_netif_rx(ctx: BtfTracePointContext) -> i32 {
-    device_hop(Hook::NetifRx, Role::Entry, ctx.arg(0), 0);
+    device_hop::<Typed>(Hook::NetifRx, Role::Entry, ctx.arg(0), 0);
     0
 }
 
 #[raw_tracepoint(tracepoint = "netif_rx")]
 pub fn vt_rx_netif_rx_raw(ctx: RawTracePointContext) -> i32 {
-    device_hop(Hook::NetifRx, Role::Entry, ctx.arg(0), 0);
+    device_hop::<Untyped>(Hook::NetifRx, Role::Entry, ctx.arg(0), 0);
     0
 }
 
 #[btf_tracepoint(function = "napi_gro_receive_entry")]
 pub fn vt_rx_napi_gro_receive_entry(ctx: BtfTracePointContext) -> i32 {
-    device_hop(Hook::NapiGroReceiveEntry, Role::Entry, ctx.arg(0), 0);
+    device_hop::<Typed>(Hook::NapiGroReceiveEntry, Role::Entry, ctx.arg(0), 0);
     0
 }
 
 #[raw_tracepoint(tracepoint = "napi_gro_receive_entry")]
 pub fn vt_rx_napi_gro_receive_entry_raw(ctx: RawTracePointContext) -> i32 {
-    device_hop(Hook::NapiGroReceiveEntry, Role::Entry, ctx.arg(0), 0);
+    device_hop::<Untyped>(Hook::NapiGroReceiveEntry, Role::Entry, ctx.arg(0), 0);
     0
 }

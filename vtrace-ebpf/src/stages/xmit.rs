@@ -9,30 +9,31 @@ use aya_ebpf::{
 use vtrace_common::Hook;
 
 use crate::hop::{device_hop, xmit_done_hop, Role};
+use crate::kernel::{Typed, Untyped};
 
 // TP_PROTO(struct sk_buff *skb)
 #[btf_tracepoint(function = "net_dev_queue")]
 pub fn vt_tx_net_dev_queue(ctx: BtfTracePointContext) -> i32 {
-    device_hop(Hook::NetDevQueue, Role::Entry, ctx.arg(0), 0);
+    device_hop::<Typed>(Hook::NetDevQueue, Role::Entry, ctx.arg(0), 0);
     0
 }
 
 #[raw_tracepoint(tracepoint = "net_dev_queue")]
 pub fn vt_tx_net_dev_queue_raw(ctx: RawTracePointContext) -> i32 {
-    device_hop(Hook::NetDevQueue, Role::Entry, ctx.arg(0), 0);
+    device_hop::<Untyped>(Hook::NetDevQueue, Role::Entry, ctx.arg(0), 0);
     0
 }
 
 // TP_PROTO(const struct sk_buff *skb, const struct net_device *dev)
 #[btf_tracepoint(function = "net_dev_start_xmit")]
 pub fn vt_tx_net_dev_start_xmit(ctx: BtfTracePointContext) -> i32 {
-    device_hop(Hook::NetDevStartXmit, Role::Transit, ctx.arg(0), ctx.arg(1));
+    device_hop::<Typed>(Hook::NetDevStartXmit, Role::Transit, ctx.arg(0), ctx.arg(1));
     0
 }
 
 #[raw_tracepoint(tracepoint = "net_dev_start_xmit")]
 pub fn vt_tx_net_dev_start_xmit_raw(ctx: RawTracePointContext) -> i32 {
-    device_hop(Hook::NetDevStartXmit, Role::Transit, ctx.arg(0), ctx.arg(1));
+    device_hop::<Untyped>(Hook::NetDevStartXmit, Role::Transit, ctx.arg(0), ctx.arg(1));
     0
 }
 
@@ -42,7 +43,7 @@ pub fn vt_tx_net_dev_start_xmit_raw(ctx: RawTracePointContext) -> i32 {
 // skb->dev already points at the peer.
 #[btf_tracepoint(function = "net_dev_xmit")]
 pub fn vt_tx_net_dev_xmit(ctx: BtfTracePointContext) -> i32 {
-    xmit_done_hop(
+    xmit_done_hop::<Typed>(
         Hook::NetDevXmit,
         ctx.arg(0),
         ctx.arg(2),
@@ -53,7 +54,7 @@ pub fn vt_tx_net_dev_xmit(ctx: BtfTracePointContext) -> i32 {
 
 #[raw_tracepoint(tracepoint = "net_dev_xmit")]
 pub fn vt_tx_net_dev_xmit_raw(ctx: RawTracePointContext) -> i32 {
-    xmit_done_hop(
+    xmit_done_hop::<Untyped>(
         Hook::NetDevXmit,
         ctx.arg(0),
         ctx.arg(2),
@@ -68,7 +69,7 @@ pub fn vt_tx_net_dev_xmit_raw(ctx: RawTracePointContext) -> i32 {
 pub fn vt_tx_qdisc_dequeue(ctx: BtfTracePointContext) -> i32 {
     let skb: u64 = ctx.arg(3);
     if skb != 0 {
-        device_hop(Hook::QdiscDequeue, Role::Transit, skb, 0);
+        device_hop::<Typed>(Hook::QdiscDequeue, Role::Transit, skb, 0);
     }
     0
 }
@@ -77,7 +78,7 @@ pub fn vt_tx_qdisc_dequeue(ctx: BtfTracePointContext) -> i32 {
 pub fn vt_tx_qdisc_dequeue_raw(ctx: RawTracePointContext) -> i32 {
     let skb: u64 = ctx.arg(3);
     if skb != 0 {
-        device_hop(Hook::QdiscDequeue, Role::Transit, skb, 0);
+        device_hop::<Untyped>(Hook::QdiscDequeue, Role::Transit, skb, 0);
     }
     0
 }

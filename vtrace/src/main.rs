@@ -10,6 +10,7 @@ mod cli;
 mod cost;
 mod discovery;
 mod drops;
+mod fasthash;
 mod hooks;
 mod kernel;
 mod latency;

@@ -35,7 +35,7 @@ pub struct Timing {
 pub struct IfaceNamer {
     own_netns: u32,
     netns_names: HashMap<u32, String>,
-    cache: HashMap<([u8; 16], u32), Arc<str>>,
+    cache: crate::fasthash::FastMap<([u8; 16], u32), Arc<str>>,
 }
 
 impl Default for IfaceNamer {
@@ -49,7 +49,7 @@ impl IfaceNamer {
         IfaceNamer {
             own_netns: netdev::own_netns(),
             netns_names: netdev::netns_names().into_iter().collect(),
-            cache: HashMap::new(),
+            cache: Default::default(),
         }
     }
 

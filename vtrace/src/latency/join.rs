@@ -8,7 +8,9 @@
 //!
 //! Pure logic: events in, edge and path observations out. The caller resolves device names.
 
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
+
+use crate::fasthash::FastMap;
 
 use vtrace_common::Hook;
 
@@ -76,9 +78,9 @@ pub struct JoinStats {
 }
 
 pub struct Joiner {
-    segs: HashMap<u64, Segment>,
-    live: HashMap<u64, u64>,
-    by_fp: HashMap<u64, Vec<u64>>,
+    segs: FastMap<u64, Segment>,
+    live: FastMap<u64, u64>,
+    by_fp: FastMap<u64, Vec<u64>>,
     next_id: u64,
     window_ns: u64,
     now: u64,
@@ -92,9 +94,9 @@ impl Joiner {
     /// `window_ns`: how long after its last hop a segment may still be joined by a copy.
     pub fn new(window_ns: u64) -> Joiner {
         Joiner {
-            segs: HashMap::new(),
-            live: HashMap::new(),
-            by_fp: HashMap::new(),
+            segs: FastMap::default(),
+            live: FastMap::default(),
+            by_fp: FastMap::default(),
             next_id: 1,
             window_ns,
             now: 0,

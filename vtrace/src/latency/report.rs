@@ -1,7 +1,7 @@
 //! Aggregates edge and path observations into HdrHistograms and renders them: a human table and
 //! the `--json` contract (see README, "vtrace latency --json").
 
-use std::collections::HashMap;
+use crate::fasthash::FastMap;
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -10,8 +10,8 @@ use super::join::{Observation, Point};
 
 /// Histograms per edge and per complete path.
 pub struct Aggregate {
-    edges: HashMap<(Point, Point), Histogram<u64>>,
-    paths: HashMap<Vec<Point>, Histogram<u64>>,
+    edges: FastMap<(Point, Point), Histogram<u64>>,
+    paths: FastMap<Vec<Point>, Histogram<u64>>,
 }
 
 fn new_hist() -> Histogram<u64> {
@@ -30,8 +30,8 @@ impl Default for Aggregate {
 impl Aggregate {
     pub fn new() -> Aggregate {
         Aggregate {
-            edges: HashMap::new(),
-            paths: HashMap::new(),
+            edges: FastMap::default(),
+            paths: FastMap::default(),
         }
     }
 

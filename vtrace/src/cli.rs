@@ -52,6 +52,10 @@ pub enum Command {
     Baseline {
         #[arg(long, short = 'd', default_value = "10", value_parser = parse_seconds)]
         duration: f64,
+        /// Leave the kernel's BPF statistics off: for measuring the packet rate with empty
+        /// programs attached (the floor of any tracer on these hooks), not their cost.
+        #[arg(long)]
+        no_stats: bool,
     },
     /// Compare two `vtrace latency --json` reports (e.g. native vs virtual router) stage by stage.
     Compare {

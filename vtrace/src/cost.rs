@@ -66,9 +66,10 @@ pub fn render(costs: &[ProgramCost]) -> String {
 
 /// `vtrace baseline`: empty programs at every latency hook for `duration`, then their costs as
 /// JSON. Run beside a vtrace that has `--cost`, in the same run, to subtract the floor.
-pub fn baseline(duration: Duration) -> Result<Vec<ProgramCost>> {
+/// Without `stats` the costs read 0: that run measures what empty programs cost the traffic.
+pub fn baseline(duration: Duration, stats: bool) -> Result<Vec<ProgramCost>> {
     let btf = Btf::from_sys_fs().map_err(|e| anyhow!("reading the kernel's BTF: {e}"))?;
-    let _stats = enable_stats()?;
+    let _stats = if stats { Some(enable_stats()?) } else { None };
     // One object per hook: a loaded program is bound to one tracepoint.
     let mut loaded = Vec::new();
     for hook in crate::latency::HOOKS {

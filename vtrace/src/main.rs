@@ -93,9 +93,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             record::report(&args)?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Baseline { duration } => {
+        Command::Baseline { duration, no_stats } => {
             kernel::privileges::require()?;
-            let costs = cost::baseline(std::time::Duration::from_secs_f64(duration))?;
+            let costs = cost::baseline(std::time::Duration::from_secs_f64(duration), !no_stats)?;
             println!("{}", serde_json::to_string(&costs)?);
             Ok(ExitCode::SUCCESS)
         }

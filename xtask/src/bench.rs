@@ -3,6 +3,8 @@
 //! - 64-byte UDP packets per second received across the native and the virtual path, without
 //!   and with vtrace (`latency` + `drops`, their default hooks), in alternating off/on pairs;
 //!   the median of the per-pair ratios is reported.
+//! - The same rate with empty programs at the same tracepoints (`vtrace baseline --no-stats`):
+//!   the floor of any tracer attached there, so vtrace's own share of the loss is visible.
 //! - ns per hook invocation from the kernel's BPF statistics (`vtrace latency --cost`), next to
 //!   an empty program at the same hook in the same run (`vtrace baseline`): the difference is
 //!   vtrace's own cost.
@@ -31,6 +33,8 @@ struct PathRuns {
     name: &'static str,
     off: Vec<f64>,
     on: Vec<f64>,
+    /// With empty programs at the same tracepoints: the floor any tracer there pays.
+    floor: Vec<f64>,
     cpu: Vec<f64>,
     rss_kib: u64,
     lost: u64,
@@ -60,6 +64,7 @@ pub fn run(pairs: usize, seconds: u64) -> Result<()> {
             name,
             off: vec![],
             on: vec![],
+            floor: vec![],
             cpu: vec![],
             rss_kib: 0,
             lost: 0,
@@ -96,15 +101,21 @@ pub fn run(pairs: usize, seconds: u64) -> Result<()> {
                 serde_json::from_str(&finish(lat)?).context("vtrace latency JSON")?;
             let _ = finish(drops)?;
             r.lost += report["lost_events"].as_u64().unwrap_or(0);
+            let empty = start_vtrace(&vtrace, &["baseline", "--no-stats", "-d", &secs])?;
+            let floor = flood(opts.clone())?;
+            let _ = finish(empty)?;
             println!(
-                "  off {:>9.0} pps   on {:>9.0} pps   ratio {:.3}   vtrace CPU {:.1}% of a core",
+                "  off {:>9.0} pps   on {:>9.0} pps   ratio {:.3}   empty programs {:>9.0} pps ({:.3})   vtrace CPU {:.1}% of a core",
                 off.received_pps,
                 on.received_pps,
                 on.received_pps / off.received_pps.max(1.0),
+                floor.received_pps,
+                floor.received_pps / off.received_pps.max(1.0),
                 100.0 * cpu
             );
             r.off.push(off.received_pps);
             r.on.push(on.received_pps);
+            r.floor.push(floor.received_pps);
             r.cpu.push(cpu);
         }
         results.push(r);
@@ -141,27 +152,28 @@ pub fn run(pairs: usize, seconds: u64) -> Result<()> {
     drop(lab);
 
     println!(
-        "\n{:<10} {:>12} {:>12} {:>8} {:>10} {:>10} {:>12}",
-        "path", "pps off", "pps on", "ratio", "user CPU", "peak RSS", "lost events"
+        "\n{:<10} {:>12} {:>12} {:>8} {:>12} {:>10} {:>10} {:>12}",
+        "path", "pps off", "pps on", "ratio", "empty ratio", "user CPU", "peak RSS", "lost events"
     );
     for r in &results {
-        let ratios: Vec<f64> =
-            r.on.iter()
-                .zip(&r.off)
-                .map(|(a, b)| a / b.max(1.0))
-                .collect();
+        let ratio_of = |v: &[f64]| {
+            let ratios: Vec<f64> = v.iter().zip(&r.off).map(|(a, b)| a / b.max(1.0)).collect();
+            median(&ratios)
+        };
         println!(
-            "{:<10} {:>12.0} {:>12.0} {:>8.3} {:>9.1}% {:>8}KiB {:>12}",
+            "{:<10} {:>12.0} {:>12.0} {:>8.3} {:>12.3} {:>9.1}% {:>8}KiB {:>12}",
             r.name,
             median(&r.off),
             median(&r.on),
-            median(&ratios),
+            ratio_of(&r.on),
+            ratio_of(&r.floor),
             100.0 * median(&r.cpu),
             r.rss_kib,
             r.lost
         );
     }
     println!("(pps: median of {pairs} alternating off/on pairs of {seconds} s; ratio: median of the per-pair ratios; target >= 0.95)");
+    println!("(empty ratio: the same flood with an empty program at each of the same tracepoints: the floor any tracer attached there pays)");
     println!(
         "\n{:<26} {:>12} {:>12} {:>12} {:>12}",
         "hook", "runs", "vtrace ns", "empty ns", "cost ns"

@@ -84,6 +84,9 @@ pub struct Joiner {
     next_id: u64,
     window_ns: u64,
     now: u64,
+    /// Event time of the last `flush`: the joiner flushes itself once per window, so its
+    /// memory is bounded by the packets of about two windows whatever the report interval.
+    last_flush: u64,
     out: Vec<Observation>,
     pub stats: JoinStats,
 }
@@ -97,6 +100,7 @@ impl Joiner {
             segs: FastMap::default(),
             live: FastMap::default(),
             by_fp: FastMap::default(),
+            last_flush: 0,
             next_id: 1,
             window_ns,
             now: 0,
@@ -145,6 +149,9 @@ impl Joiner {
             Hook::ConsumeSkb | Hook::KfreeSkb | Hook::SkbCopyDatagramIovec
         ) {
             self.end(ev.skb, id);
+        }
+        if self.now.saturating_sub(self.last_flush) > self.window_ns {
+            self.flush(false);
         }
     }
 
@@ -241,6 +248,7 @@ impl Joiner {
     /// their paths. Live segments silent for 16 windows are taken as ended (their free was lost).
     pub fn flush(&mut self, force: bool) {
         let now = self.now;
+        self.last_flush = now;
         let window = self.window_ns;
         let stale_live: Vec<(u64, u64)> = self
             .live
@@ -524,5 +532,22 @@ mod tests {
         j.flush(false);
         assert_eq!(j.stats.unfinished, 1);
         assert_eq!(j.in_flight(), 1, "only the fresh one remains");
+    }
+
+    /// Without any report (a long `--interval`), the joiner still finalizes what is done: its
+    /// memory holds about two windows of packets, not the whole run.
+    #[test]
+    fn memory_is_bounded_without_reports() {
+        let ms = 1_000_000;
+        let mut j = Joiner::new(10 * ms);
+        let mut most = 0;
+        for i in 0..10_000u64 {
+            let t = i * ms;
+            j.push(ev(t, 0x1000 + i, i + 1, Hook::NetDevQueue, Some("a")));
+            j.push(ev(t + 1000, 0x1000 + i, i + 1, Hook::ConsumeSkb, None));
+            most = most.max(j.in_flight());
+            let _ = j.drain().count();
+        }
+        assert!(most <= 25, "{most} segments held at once");
     }
 }

@@ -96,9 +96,9 @@ impl Resolver {
     }
 
     pub fn new() -> Result<Resolver> {
-        let btf = kernel::btf::Btf::from_sys_vmlinux()?;
+        let btf = kernel::btf::Btf::vmlinux().map_err(anyhow::Error::msg)?;
         Ok(Resolver {
-            reasons: kernel::drop_reasons(&btf)?,
+            reasons: kernel::drop_reasons(btf)?,
             kallsyms: Kallsyms::load().ok(),
             namer: IfaceNamer::new(),
             arrival_names: HashMap::new(),
@@ -223,9 +223,9 @@ pub fn iface_entries(
 }
 
 pub fn run(args: &DropsArgs) -> Result<()> {
-    let btf = kernel::btf::Btf::from_sys_vmlinux()?;
+    let btf = kernel::btf::Btf::vmlinux().map_err(anyhow::Error::msg)?;
     let mut config = Config::zeroed();
-    config.offsets = kernel::resolve_offsets(&btf)?;
+    config.offsets = kernel::resolve_offsets(btf)?;
     config.flags = flags::DROPS;
     let opts = TracerOptions {
         config,

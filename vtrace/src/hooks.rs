@@ -305,7 +305,7 @@ pub struct HookStatus {
 pub fn probe_all() -> Result<Vec<HookStatus>> {
     let btf = Btf::from_sys_fs().map_err(|e| anyhow!("reading /sys/kernel/btf/vmlinux: {e}"))?;
     let btf_info =
-        BtfInfo::from_sys_vmlinux().map_err(|e| anyhow!("parsing /sys/kernel/btf/vmlinux: {e}"))?;
+        BtfInfo::vmlinux().map_err(|e| anyhow!("parsing /sys/kernel/btf/vmlinux: {e}"))?;
     let mut ebpf = load_object()?;
     let kprobes = kprobe_support();
     Ok(CATALOG
@@ -355,7 +355,7 @@ fn probe_tracepoint(ebpf: &mut Ebpf, btf: &Btf, hp: &HookPoint) -> HookStatus {
         .find(|h| h.name() == tp_name)
     else {
         let present = std::path::Path::new("/sys/kernel/btf/vmlinux").exists()
-            && crate::kernel::btf::Btf::from_sys_vmlinux()
+            && crate::kernel::btf::Btf::vmlinux()
                 .map(|b| b.has_typedef(&format!("btf_trace_{tp_name}")))
                 .unwrap_or(false);
         if present {

@@ -189,7 +189,7 @@ impl Tracer {
     /// A hook that cannot be attached is recorded in `refused` with the reason, and nothing
     /// of it stays loaded.
     fn attach_functions(&mut self, btf: &Btf) {
-        let info = match crate::kernel::btf::Btf::from_sys_vmlinux() {
+        let info = match crate::kernel::btf::Btf::vmlinux() {
             Ok(i) => i,
             Err(e) => {
                 for hook in Hook::FUNCTIONS {

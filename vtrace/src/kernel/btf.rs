@@ -476,6 +476,17 @@ fn read_file(path: &Path) -> Result<Vec<u8>, BtfError> {
 }
 
 impl Btf {
+    /// The running kernel's BTF, parsed once per process (about 5 MiB of types: every command
+    /// needs some of it, and parsing it again for each use showed in start-up time and peak
+    /// memory).
+    pub fn vmlinux() -> Result<&'static Btf, String> {
+        static VMLINUX: std::sync::OnceLock<Result<Btf, String>> = std::sync::OnceLock::new();
+        VMLINUX
+            .get_or_init(|| Btf::from_sys_vmlinux().map_err(|e| e.to_string()))
+            .as_ref()
+            .map_err(|e| e.clone())
+    }
+
     /// Reads the running kernel's BTF from `/sys/kernel/btf/vmlinux`.
     pub fn from_sys_vmlinux() -> Result<Btf, BtfError> {
         Btf::from_file(Path::new(SYS_BTF_DIR).join("vmlinux"))

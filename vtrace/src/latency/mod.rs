@@ -194,7 +194,7 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
 impl FilterArgs {
     /// The load-time configuration for these filters.
     pub fn config(&self, features: u32, sample: u32) -> Result<vtrace_common::Config> {
-        let btf = crate::kernel::btf::Btf::from_sys_vmlinux().map_err(|e| {
+        let btf = crate::kernel::btf::Btf::vmlinux().map_err(|e| {
             anyhow::anyhow!("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {e}")
         })?;
         let mut c = vtrace_common::Config::zeroed();

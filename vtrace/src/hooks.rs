@@ -211,7 +211,13 @@ pub const CATALOG: &[HookPoint] = &[
         "vhost_worker",
         Stage::TapVhost,
         "vhost",
-        "the vhost worker thread wakes up",
+        "the vhost worker thread wakes up (kernels before 6.4)",
+    ),
+    func(
+        "vhost_run_work_list",
+        Stage::TapVhost,
+        "vhost",
+        "the vhost worker (a vhost_task since 6.4) runs its queued work",
     ),
     func(
         "xenvif_start_xmit",
@@ -396,6 +402,18 @@ fn probe_tracepoint(ebpf: &mut Ebpf, btf: &Btf, hp: &HookPoint) -> HookStatus {
     st
 }
 
+/// For a function vtrace has no program on: what an operator gets instead, said beside an
+/// `available` status (which only means the kernel would let a program attach there).
+fn without_program(name: &str) -> Option<&'static str> {
+    if Hook::FUNCTIONS.iter().any(|h| h.name() == name) {
+        None
+    } else if name.ends_with("_poll") {
+        Some("attachable; vtrace has no program here: napi:napi_poll counts this poll's rounds per device")
+    } else {
+        Some("attachable; vtrace has no program here yet (it does not take the packet at entry)")
+    }
+}
+
 /// A function is first looked up in BTF (vmlinux, then the module's BTF), with its compiler
 /// variants; then fentry is tried, then a kprobe.
 fn probe_function(
@@ -440,6 +458,7 @@ fn probe_function(
             Ok(()) => {
                 st.status = "available";
                 st.via = Some("fentry");
+                st.reason = without_program(hp.name).map(String::from);
                 return st;
             }
             Err(e) => {
@@ -473,6 +492,7 @@ fn probe_function(
                 st.status = "available";
                 st.via = Some("kprobe");
                 st.errno = None;
+                st.reason = without_program(hp.name).map(String::from);
             }
             Err(e) => set_failure(&mut st, e),
         },
@@ -626,4 +646,18 @@ pub fn errno_name(n: i32) -> String {
         _ => return format!("errno {n}"),
     }
     .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn functions_without_a_program_say_what_covers_them() {
+        assert_eq!(without_program("veth_xmit"), None, "a hop program");
+        assert!(without_program("virtnet_poll")
+            .unwrap()
+            .contains("napi:napi_poll"));
+        assert!(without_program("handle_tx").unwrap().contains("no program"));
+    }
 }

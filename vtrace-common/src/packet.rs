@@ -26,6 +26,30 @@ pub type EthWords = [u64; L2_READ / 8];
 pub type IpWords = [u64; L3_READ / 8];
 pub type L4Words = [u64; L4_READ / 8];
 
+/// Bytes read at once from the Ethernet header: enough for two VLAN tags, an IPv6 header (or
+/// IPv4 without options) and the transport bytes the fingerprint takes (22 + 40 + 24 = 86).
+pub const FRAME_READ: usize = 96;
+pub const FRAME_WORDS: usize = FRAME_READ / 8;
+pub type FrameWords = [u64; FRAME_WORDS];
+
+/// `N` words starting `OFF` bytes into a word buffer of `W` words: the headers at a known
+/// offset inside one read of the frame, with constant indices and shifts only.
+#[inline(always)]
+pub fn words_at<const OFF: usize, const N: usize, const W: usize>(buf: &[u64; W]) -> [u64; N] {
+    let (i, s) = (OFF / 8, (OFF % 8) * 8);
+    let mut out = [0u64; N];
+    let mut k = 0;
+    while k < N {
+        out[k] = if s == 0 {
+            buf[i + k]
+        } else {
+            (buf[i + k] >> s) | (buf[i + k + 1] << (64 - s))
+        };
+        k += 1;
+    }
+    out
+}
+
 /// Packs bytes into little-endian words (userspace: tests, generated packets); missing bytes
 /// are 0.
 pub fn words<const W: usize>(bytes: &[u8]) -> [u64; W] {

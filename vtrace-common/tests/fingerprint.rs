@@ -200,3 +200,30 @@ fn an_ipv4_host_filter_matches_the_parsed_address() {
     }
     .matches(&l3, 0, 0));
 }
+
+/// The eBPF programs read the first 96 bytes of a frame once and take the headers out of the
+/// words at their offsets: every offset they use must give the bytes found there.
+#[test]
+fn headers_taken_from_one_read_equal_the_bytes_at_their_offset() {
+    let bytes: Vec<u8> = (0..FRAME_READ as u8)
+        .map(|b| b.wrapping_mul(37) ^ 0x5a)
+        .collect();
+    let frame: FrameWords = words(&bytes);
+    macro_rules! check {
+        ($off:literal, $n:literal) => {
+            let got: [u64; $n] = words_at::<$off, $n, FRAME_WORDS>(&frame);
+            let want: [u64; $n] = words(&bytes[$off..$off + 8 * $n]);
+            assert_eq!(got, want, "{} words at byte {}", $n, $off);
+        };
+    }
+    check!(0, 3);
+    check!(14, 5);
+    check!(18, 5);
+    check!(22, 5);
+    check!(34, 3);
+    check!(38, 3);
+    check!(42, 3);
+    check!(54, 3);
+    check!(58, 3);
+    check!(62, 3);
+}

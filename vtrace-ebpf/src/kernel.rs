@@ -6,7 +6,7 @@
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_kernel_buf};
 use vtrace_common::{
-    packet::{self, EthWords, IpWords, L4Words},
+    packet::{self, words_at, FrameWords, IpWords, L4Words, FRAME_WORDS},
     IFNAMSIZ,
 };
 
@@ -192,19 +192,43 @@ pub fn headers<A: Access>(skb: u64) -> Option<Headers> {
     let head = A::field::<u64>(skb, conf!(offsets.sk_buff_head))?;
     let mac = A::field::<u16>(skb, conf!(offsets.sk_buff_mac_header))?;
     let net = A::field::<u16>(skb, conf!(offsets.sk_buff_network_header))?;
-    let (ethertype, l3_addr) = if mac != HEADER_UNSET && (net == HEADER_UNSET || net > mac) {
-        let eth: EthWords = read_words(head + mac as u64)?;
-        let (ethertype, off) = packet::parse_l2(&eth)?;
-        (ethertype, head + mac as u64 + off as u64)
-    } else if net != HEADER_UNSET {
-        let proto = u16::from_be(A::field::<u16>(skb, conf!(offsets.sk_buff_protocol))?);
-        (proto, head + net as u64)
-    } else {
+    if mac != HEADER_UNSET && (net == HEADER_UNSET || net > mac) {
+        return frame_headers(head + mac as u64);
+    }
+    if net == HEADER_UNSET {
         return None;
-    };
+    }
+    // No link-layer header (a tun in IFF_TUN mode): the network header, typed by skb->protocol.
+    let ethertype = u16::from_be(A::field::<u16>(skb, conf!(offsets.sk_buff_protocol))?);
+    let l3_addr = head + net as u64;
     let ip: IpWords = read_words(l3_addr)?;
     let l3 = packet::parse_l3(ethertype, &ip)?;
     let l4: L4Words = read_words(l3_addr + l3.l4_off as u64)?;
+    Some(Headers { l3, l4 })
+}
+
+/// The headers of an Ethernet frame at `eth`, from one read of its first 96 bytes in the common
+/// case (every helper call costs about as much as the parse), from a second read of the
+/// transport header after IPv4 options.
+#[inline(always)]
+fn frame_headers(eth: u64) -> Option<Headers> {
+    let frame: FrameWords = read_words(eth)?;
+    let (ethertype, l2) = packet::parse_l2(&words_at::<0, 3, FRAME_WORDS>(&frame))?;
+    let ip: IpWords = match l2 {
+        14 => words_at::<14, 5, FRAME_WORDS>(&frame),
+        18 => words_at::<18, 5, FRAME_WORDS>(&frame),
+        _ => words_at::<22, 5, FRAME_WORDS>(&frame),
+    };
+    let l3 = packet::parse_l3(ethertype, &ip)?;
+    let l4: L4Words = match (l2, l3.l4_off) {
+        (14, 20) => words_at::<34, 3, FRAME_WORDS>(&frame),
+        (18, 20) => words_at::<38, 3, FRAME_WORDS>(&frame),
+        (22, 20) => words_at::<42, 3, FRAME_WORDS>(&frame),
+        (14, 40) => words_at::<54, 3, FRAME_WORDS>(&frame),
+        (18, 40) => words_at::<58, 3, FRAME_WORDS>(&frame),
+        (22, 40) => words_at::<62, 3, FRAME_WORDS>(&frame),
+        _ => read_words(eth + l2 as u64 + l3.l4_off as u64)?,
+    };
     Some(Headers { l3, l4 })
 }
 

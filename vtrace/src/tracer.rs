@@ -23,6 +23,14 @@ fn tracked_entries() -> u32 {
     vtrace_common::TRACKED_PER_CPU.saturating_mul(cpus)
 }
 
+/// Set to 1, vtrace attaches the raw-tracepoint twins without trying tp_btf: what kernels that
+/// refuse tp_btf run, for comparing the two tiers on one kernel (and for testing the fallback).
+pub const RAW_TRACEPOINTS_ENV: &str = "VTRACE_RAW_TRACEPOINTS";
+
+fn raw_tracepoints_only() -> bool {
+    std::env::var(RAW_TRACEPOINTS_ENV).is_ok_and(|v| v == "1")
+}
+
 /// The eBPF object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vtrace.bpf.o"));
 
@@ -279,9 +287,13 @@ impl Tracer {
     fn attach(&mut self, hook: Hook, btf: &Btf) -> Result<Attachment> {
         let name = program_name(hook);
         let tp = hook.name();
-        let btf_err = match self.try_tp_btf(name, tp, btf) {
-            Ok(()) => return Ok(Attachment::TpBtf),
-            Err(e) => e,
+        let btf_err = if raw_tracepoints_only() {
+            anyhow!("skipped: {RAW_TRACEPOINTS_ENV}=1")
+        } else {
+            match self.try_tp_btf(name, tp, btf) {
+                Ok(()) => return Ok(Attachment::TpBtf),
+                Err(e) => e,
+            }
         };
         // Whatever tp_btf left loaded goes before the fallback is loaded.
         self.unload(hook, Attachment::TpBtf);

@@ -191,3 +191,63 @@ fn iface_filter_keeps_only_the_named_device() {
         }
     }
 }
+
+/// The raw-tracepoint tier (what kernels refusing tp_btf run: every kernel read through
+/// `bpf_probe_read_kernel`, not typed loads) on the same traffic: every hook attaches as a raw
+/// tracepoint, the ICMP filter still finds the pings, and their paths still join across the VMM.
+#[test]
+fn raw_tracepoint_tier_joins_the_same_paths() {
+    let lab = Lab::up(LabOptions::new()).expect("lab up");
+    let v = lab.virt().clone();
+    let host = v.receiver_ip.to_string();
+    let tracer = common::start_with_env(
+        &[
+            "latency",
+            "--json",
+            "--proto",
+            "icmp",
+            "--host",
+            &host,
+            "--sample",
+            "1",
+            "--duration",
+            "3",
+        ],
+        &[("VTRACE_RAW_TRACEPOINTS", "1")],
+    );
+    let stats = ping(&v.sender_ns, v.receiver_ip, 20, Duration::from_millis(20)).expect("ping");
+    assert_eq!(stats.received, 20, "{stats:?}");
+    let (out, attached) = tracer.finish_with_stderr();
+    let line = attached
+        .iter()
+        .find(|l| l.starts_with("vtrace: attached"))
+        .expect("the attached line");
+    assert!(
+        !line.contains("(tp_btf)") && line.contains("(raw_tp)"),
+        "{line}"
+    );
+    let report: Value = serde_json::from_str(&out).expect("JSON");
+    let tx = format!("eth0@{}", v.sender_ns);
+    let rx = format!("eth0@{}", v.receiver_ns);
+    let (request, nreq) = common::path_mean(&report, &tx, &rx);
+    let (reply, nrep) = common::path_mean(&report, &rx, &tx);
+    println!(
+        "raw tracepoints: request {:.1} us ({nreq}), reply {:.1} us ({nrep})",
+        request / 1e3,
+        reply / 1e3
+    );
+    assert!(
+        nreq >= 18 && nrep >= 18,
+        "most pings traced both ways: {nreq} {nrep}"
+    );
+    let joined = report["paths"].as_array().unwrap().iter().any(|p| {
+        let hops = common::path_hops(p);
+        hops.contains(&format!("net_dev_start_xmit@{}", v.tap_in))
+            && hops.contains(&format!("netif_receive_skb@{}", v.tap_out))
+    });
+    assert!(
+        joined,
+        "a path crosses the VMM from {} to {}",
+        v.tap_in, v.tap_out
+    );
+}

@@ -19,8 +19,14 @@ pub struct Running {
 
 /// Starts vtrace and returns once it says its hooks are attached.
 pub fn start(args: &[&str]) -> Running {
+    start_with_env(args, &[])
+}
+
+/// `start` with extra environment variables.
+pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Running {
     let mut child = Command::new(VTRACE)
         .args(args)
+        .envs(env.iter().copied())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -54,7 +60,12 @@ impl Running {
     }
 
     /// Waits for vtrace to end by itself (`--duration`) and returns stdout.
-    pub fn finish(mut self) -> String {
+    pub fn finish(self) -> String {
+        self.finish_with_stderr().0
+    }
+
+    /// Waits for vtrace to end by itself and returns stdout and the lines of stderr.
+    pub fn finish_with_stderr(mut self) -> (String, Vec<String>) {
         let mut out = String::new();
         self.child
             .stdout
@@ -69,7 +80,7 @@ impl Running {
             "vtrace failed: {status:?}\n{}",
             err.join("\n")
         );
-        out
+        (out, err)
     }
 
     pub fn kill9(mut self) {

@@ -199,26 +199,15 @@ fn iface_filter_keeps_only_the_named_device() {
 fn raw_tracepoint_tier_joins_the_same_paths() {
     let lab = Lab::up(LabOptions::new()).expect("lab up");
     let v = lab.virt().clone();
-    let host = v.receiver_ip.to_string();
-    let tracer = common::start_with_env(
-        &[
-            "latency",
-            "--json",
-            "--proto",
-            "icmp",
-            "--host",
-            &host,
-            "--sample",
-            "1",
-            "--duration",
-            "3",
-        ],
+    let (report, stats, stderr) = common::trace_pings_with_env(
+        &v.sender_ns,
+        v.receiver_ip,
+        20,
+        &["--sample", "1"],
         &[("VTRACE_RAW_TRACEPOINTS", "1")],
     );
-    let stats = ping(&v.sender_ns, v.receiver_ip, 20, Duration::from_millis(20)).expect("ping");
     assert_eq!(stats.received, 20, "{stats:?}");
-    let (out, attached) = tracer.finish_with_stderr();
-    let line = attached
+    let line = stderr
         .iter()
         .find(|l| l.starts_with("vtrace: attached"))
         .expect("the attached line");
@@ -226,7 +215,6 @@ fn raw_tracepoint_tier_joins_the_same_paths() {
         !line.contains("(tp_btf)") && line.contains("(raw_tp)"),
         "{line}"
     );
-    let report: Value = serde_json::from_str(&out).expect("JSON");
     let tx = format!("eth0@{}", v.sender_ns);
     let rx = format!("eth0@{}", v.receiver_ns);
     let (request, nreq) = common::path_mean(&report, &tx, &rx);

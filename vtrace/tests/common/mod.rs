@@ -172,6 +172,18 @@ pub fn trace_pings(
     count: u32,
     extra: &[&str],
 ) -> (serde_json::Value, vtrace_lab::PingStats) {
+    let (report, stats, _) = trace_pings_with_env(sender, dst, count, extra, &[]);
+    (report, stats)
+}
+
+/// `trace_pings` with extra environment variables for vtrace; also returns its stderr lines.
+pub fn trace_pings_with_env(
+    sender: &str,
+    dst: std::net::Ipv4Addr,
+    count: u32,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (serde_json::Value, vtrace_lab::PingStats, Vec<String>) {
     let secs = (count as f64 * 0.02 + 3.0).ceil().to_string();
     let host = dst.to_string();
     let mut args = vec![
@@ -185,8 +197,9 @@ pub fn trace_pings(
         &secs,
     ];
     args.extend_from_slice(extra);
-    let tracer = start(&args);
+    let tracer = start_with_env(&args, env);
     let stats = vtrace_lab::ping(sender, dst, count, Duration::from_millis(20)).expect("ping runs");
-    let report = serde_json::from_str(&tracer.finish()).expect("one JSON object");
-    (report, stats)
+    let (out, stderr) = tracer.finish_with_stderr();
+    let report = serde_json::from_str(&out).expect("one JSON object");
+    (report, stats, stderr)
 }

@@ -243,10 +243,7 @@ pub fn run(args: &DropsArgs) -> Result<()> {
     let live = !args.json && std::io::stdout().is_terminal();
     let mut last: Option<(Duration, HashMap<(String, String, String), u64>)> = None;
     let mut final_report = None;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(session::run(
+    session::run_blocking(
         opts,
         timing,
         |_| {},
@@ -311,7 +308,7 @@ pub fn run(args: &DropsArgs) -> Result<()> {
             last = Some((elapsed, now));
             Ok(())
         },
-    ))?;
+    )?;
     if let Some(r) = final_report {
         session::emit_final(&r, || render(&r), args.json, args.output.as_deref(), live)?;
     }

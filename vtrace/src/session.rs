@@ -158,6 +158,20 @@ pub async fn run(
     Ok(())
 }
 
+/// `run` on a single-threaded runtime of its own, for the commands that do nothing else
+/// meanwhile (`latency`, `drops`, `record`; `serve` also runs its HTTP server).
+pub fn run_blocking(
+    opts: TracerOptions,
+    timing: Timing,
+    on_event: impl FnMut(&HopEvent),
+    on_tick: impl FnMut(&Tracer, Duration, bool) -> Result<()>,
+) -> Result<()> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(run(opts, timing, on_event, on_tick))
+}
+
 /// Prints a command's final report: the JSON object with `--json`, else the table (clearing the
 /// live screen first); with `-o FILE` the JSON also goes to the file.
 pub fn emit_final<T: serde::Serialize>(

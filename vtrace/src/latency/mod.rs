@@ -146,10 +146,7 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
     let pipeline = RefCell::new(Pipeline::new(args.window_ms));
     let mut final_report = None;
     let live = !args.json && std::io::stdout().is_terminal();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(session::run(
+    session::run_blocking(
         opts,
         timing,
         |ev| pipeline.borrow_mut().push(ev),
@@ -178,7 +175,7 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
             }
             Ok(())
         },
-    ))?;
+    )?;
     if let Some(report) = final_report {
         session::emit_final(
             &report,

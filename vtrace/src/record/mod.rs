@@ -187,10 +187,7 @@ pub fn record(args: &RecordArgs) -> Result<()> {
     });
     let mut last_progress = Duration::ZERO;
     let mut done = None;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(session::run(
+    session::run_blocking(
         opts,
         timing,
         |ev| rec.borrow_mut().event(ev),
@@ -231,7 +228,7 @@ pub fn record(args: &RecordArgs) -> Result<()> {
             ));
             Ok(())
         },
-    ))?;
+    )?;
     if let Some((hops, devices, bytes, elapsed)) = done {
         eprintln!(
             "vtrace record: wrote {hops} hop events ({devices} devices, {}) in {:.1}s to {shown}; `vtrace report {shown}` reads it",

@@ -634,6 +634,21 @@ impl Btf {
         self.has_kind_named(kind::FUNC, name)
     }
 
+    /// The type id of the function (BTF_KIND_FUNC) named exactly `name`, absolute: for a
+    /// module's split BTF it counts on from vmlinux's last id, as the kernel numbers it. The
+    /// top layer is searched first, so a module's own function wins over a vmlinux function
+    /// of the same name (static functions are not unique). This is the `attach_btf_id` an
+    /// fentry program on that function is loaded with.
+    pub fn func_id(&self, name: &str) -> Option<u32> {
+        self.id_of(kind::FUNC, name)
+    }
+
+    /// The type id of the typedef named `name`, top layer first (as [`Btf::func_id`]). A
+    /// tp_btf program's `attach_btf_id` is the id of `btf_trace_<event>`.
+    pub fn typedef_id(&self, name: &str) -> Option<u32> {
+        self.id_of(kind::TYPEDEF, name)
+    }
+
     /// Whether a typedef named `name` exists. The kernel declares a typedef
     /// `btf_trace_<event>` for every tracepoint usable as `tp_btf`.
     pub fn has_typedef(&self, name: &str) -> bool {
@@ -663,9 +678,10 @@ impl Btf {
     /// typedefs by name. vtrace checks the argument positions its function hooks read against
     /// this, so a kernel whose signature moved is caught, not misread.
     pub fn func_param_types(&self, name: &str) -> Result<Vec<String>, BtfError> {
+        // A module's own function first, as fentry attaches to it (see `func_id`).
         let func = self
-            .types()
-            .find(|t| t.kind() == kind::FUNC && self.name_is(t.raw.name_off, name))
+            .func_id(name)
+            .and_then(|id| self.ty(id))
             .ok_or_else(|| BtfError::StructNotFound {
                 struct_name: name.to_string(),
                 member: None,
@@ -764,6 +780,15 @@ impl Btf {
             Some(n) if !n.is_empty() => String::from_utf8_lossy(n),
             _ => Cow::Owned(format!("(anon {} #{})", kind_name(ty.kind()), ty.id)),
         }
+    }
+
+    fn id_of(&self, k: u32, name: &str) -> Option<u32> {
+        self.layers.iter().rev().find_map(|layer| {
+            layer.types.iter().enumerate().find_map(|(i, raw)| {
+                (raw.kind() == k && self.name_is(raw.name_off, name))
+                    .then(|| layer.first_id + i as u32)
+            })
+        })
     }
 
     fn has_kind_named(&self, k: u32, name: &str) -> bool {
@@ -1402,6 +1427,72 @@ mod tests {
         assert_eq!(split.member_offset("outer", "u_inner.b").unwrap(), 20);
         // A split blob is not valid as base BTF (its strings start mid-way).
         assert!(Btf::parse(&b.finish()).is_err());
+    }
+
+    /// `func_id` gives the absolute id an fentry program's `attach_btf_id` needs: in split BTF
+    /// the module's ids count on from the base's last id, and the module's own function wins
+    /// over a base function of the same name (module statics such as virtio-net's
+    /// `start_xmit` are not unique kernel-wide).
+    #[test]
+    fn synthetic_split_func_ids() {
+        let base = Btf::parse(&sample(false)).unwrap();
+        let first = base.last_type_id() + 1;
+        let mut b = Builder::split(&base);
+        let proto = b.add("", kind::FUNC_PROTO, 1, false, 1, &[0, 4]); // first
+        let mod_func = b.add("mod_func", kind::FUNC, 0, false, proto, &[]); // first + 1
+        let shadow = b.add("do_thing", kind::FUNC, 0, false, proto, &[]); // first + 2
+        b.add("btf_trace_mod_event", kind::TYPEDEF, 0, false, 4, &[]); // first + 3
+        assert_eq!((proto, mod_func, shadow), (first, first + 1, first + 2));
+        let split = Btf::parse_split(&b.finish(), &base).unwrap();
+        assert_eq!(split.func_id("mod_func"), Some(first + 1));
+        assert_eq!(
+            split.func_id("do_thing"),
+            Some(first + 2),
+            "the module's own first"
+        );
+        assert_eq!(base.func_id("do_thing"), Some(22), "the base keeps its id");
+        assert_eq!(
+            split.func_id("do_thing_more"),
+            Some(24),
+            "base functions still found"
+        );
+        assert_eq!(split.func_id("do_thing.isra.0"), Some(23));
+        assert_eq!(split.typedef_id("btf_trace_mod_event"), Some(first + 3));
+        assert_eq!(split.typedef_id("inner_t"), Some(10));
+        // Only FUNCs: a variable, a typedef and an absent name are not functions.
+        assert_eq!(split.func_id("some_var"), None);
+        assert_eq!(split.func_id("inner_t"), None);
+        assert_eq!(split.func_id("vtrace_absent"), None);
+        assert_eq!(base.func_id("mod_func"), None);
+        // The parameter check reads the module's prototype: `int (int *)`.
+        assert_eq!(split.func_param_types("mod_func").unwrap(), vec!["int*"]);
+        assert_eq!(split.func_param_types("do_thing").unwrap(), vec!["int*"]);
+        assert_eq!(
+            base.func_param_types("do_thing").unwrap(),
+            vec!["int", "int*"]
+        );
+    }
+
+    /// On this kernel's BTF, the ids agree with aya's own BTF parser (the ids the kernel
+    /// resolves `attach_btf_id` with).
+    #[test]
+    fn kernel_func_ids_match_ayas() {
+        let Some(btf) = vmlinux() else { return };
+        let aya_btf = aya::Btf::from_sys_fs().expect("aya parses the kernel's BTF");
+        use aya_obj::btf::BtfKind;
+        for f in ["netif_receive_skb", "br_handle_frame", "veth_xmit", "kfree_skb_reason"] {
+            assert_eq!(
+                btf.func_id(f),
+                aya_btf.id_by_type_name_kind(f, BtfKind::Func).ok(),
+                "{f}"
+            );
+        }
+        let t = "btf_trace_netif_receive_skb";
+        assert_eq!(
+            btf.typedef_id(t),
+            aya_btf.id_by_type_name_kind(t, BtfKind::Typedef).ok()
+        );
+        assert!(btf.typedef_id(t).is_some());
     }
 
     #[test]

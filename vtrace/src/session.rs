@@ -3,7 +3,6 @@
 
 use std::{
     collections::HashMap,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -13,6 +12,7 @@ use vtrace_common::HopEvent;
 
 use crate::{
     kernel::netdev,
+    latency::iface::Iface,
     tracer::{self, Tracer, TracerOptions},
 };
 
@@ -35,7 +35,7 @@ pub struct Timing {
 pub struct IfaceNamer {
     own_netns: u32,
     netns_names: HashMap<u32, String>,
-    cache: crate::fasthash::FastMap<([u8; 16], u32), Arc<str>>,
+    cache: crate::fasthash::FastMap<([u8; 16], u32), Iface>,
 }
 
 impl Default for IfaceNamer {
@@ -53,9 +53,9 @@ impl IfaceNamer {
         }
     }
 
-    pub fn name(&mut self, ifname: &[u8; 16], netns: u32) -> Arc<str> {
+    pub fn name(&mut self, ifname: &[u8; 16], netns: u32) -> Iface {
         if let Some(n) = self.cache.get(&(*ifname, netns)) {
-            return n.clone();
+            return *n;
         }
         let base = crate::ifname(ifname);
         let name = if netns == 0 || netns == self.own_netns {
@@ -69,8 +69,8 @@ impl IfaceNamer {
                 None => format!("{base}@netns:{netns}"),
             }
         };
-        let name: Arc<str> = Arc::from(name);
-        self.cache.insert((*ifname, netns), name.clone());
+        let name = Iface::new(&name);
+        self.cache.insert((*ifname, netns), name);
         name
     }
 }

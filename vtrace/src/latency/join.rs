@@ -8,19 +8,21 @@
 //!
 //! Pure logic: events in, edge and path observations out. The caller resolves device names.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
 
 use crate::fasthash::FastMap;
+
+pub use super::iface::Iface;
 
 use vtrace_common::Hook;
 
 /// One hop of a path: a hook at a device. Device-less hooks (a reader copying the data out, a
 /// free) take the device the skb was last seen on, so `skb_copy_datagram_iovec@tap0` reads as
 /// "the VMM read from tap0".
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Point {
     pub hook: Hook,
-    pub iface: Arc<str>,
+    pub iface: Iface,
 }
 
 /// One hop event, as the joiner needs it.
@@ -31,7 +33,7 @@ pub struct HopIn {
     pub fingerprint: u64,
     pub hook: Hook,
     /// None for hooks without a device.
-    pub iface: Option<Arc<str>>,
+    pub iface: Option<Iface>,
     /// The kernel started tracking this skb here (a new skb, or a reused address).
     pub first: bool,
 }
@@ -45,11 +47,14 @@ pub enum Observation {
     Path { hops: Vec<Point>, ns: u64 },
 }
 
+/// A slot in the joiner's segment table (segments are stored by index, not hashed).
+type SegId = u32;
+
 struct Segment {
     fingerprint: u64,
     hops: Vec<(Point, u64)>,
     /// The segment this one was copied from, and how many of its hops came before the copy.
-    parent: Option<(u64, usize)>,
+    parent: Option<(SegId, usize)>,
     /// Children not yet finalized: a segment stays while a child may still need its hops.
     open_children: u32,
     /// The largest parent hop count any child was linked at.
@@ -61,6 +66,50 @@ struct Segment {
 impl Segment {
     fn last_ts(&self) -> u64 {
         self.hops.last().map(|h| h.1).unwrap_or(0)
+    }
+}
+
+/// The segments that share one fingerprint: almost always one to three (a packet and its
+/// copies), so they are kept inline and only spill to the heap beyond that.
+#[derive(Default)]
+struct SameContent {
+    len: usize,
+    inline: [SegId; 3],
+    spill: Vec<SegId>,
+}
+
+impl SameContent {
+    fn push(&mut self, id: SegId) {
+        if self.len < self.inline.len() {
+            self.inline[self.len] = id;
+        } else {
+            self.spill.push(id);
+        }
+        self.len += 1;
+    }
+
+    fn iter(&self) -> impl Iterator<Item = SegId> + '_ {
+        let n = self.len.min(self.inline.len());
+        self.inline[..n].iter().chain(self.spill.iter()).copied()
+    }
+
+    fn remove(&mut self, id: SegId) {
+        let n = self.len.min(self.inline.len());
+        if let Some(i) = self.inline[..n].iter().position(|x| *x == id) {
+            // Fill the hole from the spill, else from the last inline slot.
+            self.inline[i] = match self.spill.pop() {
+                Some(last) => last,
+                None => self.inline[n - 1],
+            };
+            self.len -= 1;
+        } else if let Some(i) = self.spill.iter().position(|x| *x == id) {
+            self.spill.swap_remove(i);
+            self.len -= 1;
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -77,11 +126,25 @@ pub struct JoinStats {
     pub stale: u64,
 }
 
+/// Hop vectors kept for reuse: a flood starts and releases tens of thousands of segments a
+/// second, and reusing their vectors keeps the allocator out of the per-event path.
+/// A live skb silent for this many windows is taken as ended: its free was lost or has no
+/// tracepoint (a UDP socket's receive path frees without one).
+const STALE_WINDOWS: u64 = 16;
+
+const SPARE_HOPS: usize = 4096;
+
 pub struct Joiner {
-    segs: FastMap<u64, Segment>,
-    live: FastMap<u64, u64>,
-    by_fp: FastMap<u64, Vec<u64>>,
-    next_id: u64,
+    /// Segments by slot; `None` slots are free and listed in `free`.
+    slots: Vec<Option<Segment>>,
+    free: Vec<SegId>,
+    spare_hops: Vec<Vec<(Point, u64)>>,
+    /// skb address → its segment, while the kernel may still report hops of it.
+    live: FastMap<u64, SegId>,
+    by_fp: FastMap<u64, SameContent>,
+    /// Ended segments in the order they ended (about the order of their last hop): `flush`
+    /// finalizes from the front while the front's window has passed.
+    ended: VecDeque<SegId>,
     window_ns: u64,
     now: u64,
     /// Event time of the last `flush`: the joiner flushes itself once per window, so its
@@ -91,17 +154,17 @@ pub struct Joiner {
     pub stats: JoinStats,
 }
 
-const NO_IFACE: &str = "-";
-
 impl Joiner {
     /// `window_ns`: how long after its last hop a segment may still be joined by a copy.
     pub fn new(window_ns: u64) -> Joiner {
         Joiner {
-            segs: FastMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            spare_hops: Vec::new(),
             live: FastMap::default(),
             by_fp: FastMap::default(),
+            ended: VecDeque::new(),
             last_flush: 0,
-            next_id: 1,
             window_ns,
             now: 0,
             out: Vec::new(),
@@ -117,7 +180,15 @@ impl Joiner {
     /// Packets in flight (for memory accounting).
     #[cfg_attr(not(test), allow(dead_code))]
     pub fn in_flight(&self) -> usize {
-        self.segs.len()
+        self.slots.len() - self.free.len()
+    }
+
+    fn seg(&self, id: SegId) -> Option<&Segment> {
+        self.slots.get(id as usize).and_then(Option::as_ref)
+    }
+
+    fn seg_mut(&mut self, id: SegId) -> Option<&mut Segment> {
+        self.slots.get_mut(id as usize).and_then(Option::as_mut)
     }
 
     /// Moves the clock on without an event (a quiet host): lets `flush` finalize packets
@@ -130,7 +201,7 @@ impl Joiner {
         self.now = self.now.max(ev.ts);
         let mut current = self.live.get(&ev.skb).copied();
         if let Some(id) = current {
-            if ev.first || self.segs.get(&id).map(|s| s.fingerprint) != Some(ev.fingerprint) {
+            if ev.first || self.seg(id).map(|s| s.fingerprint) != Some(ev.fingerprint) {
                 // The address was reused without us seeing the free: close the old one.
                 self.stats.stale += 1;
                 self.end(ev.skb, id);
@@ -155,15 +226,13 @@ impl Joiner {
         }
     }
 
-    fn start(&mut self, ev: &HopIn) -> u64 {
-        let id = self.next_id;
-        self.next_id += 1;
+    fn start(&mut self, ev: &HopIn) -> SegId {
         self.stats.segments += 1;
         // The most recent segment with the same content, still within the window.
         let window = self.window_ns;
         let parent = self.by_fp.get(&ev.fingerprint).and_then(|ids| {
             ids.iter()
-                .filter_map(|pid| self.segs.get(pid).map(|s| (*pid, s)))
+                .filter_map(|pid| self.seg(pid).map(|s| (pid, s)))
                 .filter(|(_, s)| {
                     !s.finalized && s.last_ts() <= ev.ts && ev.ts - s.last_ts() <= window
                 })
@@ -172,47 +241,50 @@ impl Joiner {
         });
         if let Some((pid, link)) = parent {
             self.stats.joins += 1;
-            if let Some(p) = self.segs.get_mut(&pid) {
+            if let Some(p) = self.seg_mut(pid) {
                 p.open_children += 1;
                 p.max_child_link = p.max_child_link.max(link);
             }
         }
-        self.segs.insert(
-            id,
-            Segment {
-                fingerprint: ev.fingerprint,
-                hops: Vec::new(),
-                parent,
-                open_children: 0,
-                max_child_link: 0,
-                ended: false,
-                finalized: false,
-            },
-        );
+        let seg = Segment {
+            fingerprint: ev.fingerprint,
+            hops: self.spare_hops.pop().unwrap_or_default(),
+            parent,
+            open_children: 0,
+            max_child_link: 0,
+            ended: false,
+            finalized: false,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.slots[id as usize] = Some(seg);
+                id
+            }
+            None => {
+                self.slots.push(Some(seg));
+                (self.slots.len() - 1) as SegId
+            }
+        };
         self.live.insert(ev.skb, id);
         self.by_fp.entry(ev.fingerprint).or_default().push(id);
         id
     }
 
-    fn append(&mut self, id: u64, ev: &HopIn) {
+    fn append(&mut self, id: SegId, ev: &HopIn) {
         let (prev, iface) = {
-            let Some(seg) = self.segs.get(&id) else {
+            let Some(seg) = self.seg(id) else {
                 return;
             };
             let prev = match seg.hops.last() {
-                Some(h) => Some(h.clone()),
+                Some(h) => Some(*h),
                 None => seg.parent.and_then(|(pid, link)| {
-                    self.segs
-                        .get(&pid)
-                        .and_then(|p| link.checked_sub(1).and_then(|i| p.hops.get(i)).cloned())
+                    self.seg(pid)
+                        .and_then(|p| link.checked_sub(1).and_then(|i| p.hops.get(i)).copied())
                 }),
             };
-            let iface = match &ev.iface {
-                Some(i) => i.clone(),
-                None => prev
-                    .as_ref()
-                    .map(|(p, _)| p.iface.clone())
-                    .unwrap_or_else(|| Arc::from(NO_IFACE)),
+            let iface = match ev.iface {
+                Some(i) => i,
+                None => prev.map(|(p, _)| p.iface).unwrap_or_else(Iface::none),
             };
             (prev, iface)
         };
@@ -227,20 +299,23 @@ impl Joiner {
             } else {
                 self.out.push(Observation::Edge {
                     from,
-                    to: point.clone(),
+                    to: point,
                     ns: ev.ts - from_ts,
                 });
             }
         }
-        if let Some(seg) = self.segs.get_mut(&id) {
+        if let Some(seg) = self.seg_mut(id) {
             seg.hops.push((point, ev.ts));
         }
     }
 
-    fn end(&mut self, skb: u64, id: u64) {
+    fn end(&mut self, skb: u64, id: SegId) {
         self.live.remove(&skb);
-        if let Some(seg) = self.segs.get_mut(&id) {
-            seg.ended = true;
+        if let Some(seg) = self.seg_mut(id) {
+            if !seg.ended {
+                seg.ended = true;
+                self.ended.push_back(id);
+            }
         }
     }
 
@@ -250,13 +325,16 @@ impl Joiner {
         let now = self.now;
         self.last_flush = now;
         let window = self.window_ns;
-        let stale_live: Vec<(u64, u64)> = self
+        let stale_live: Vec<(u64, SegId)> = self
             .live
             .iter()
             .filter(|(_, id)| {
-                self.segs
-                    .get(id)
-                    .map(|s| force || now.saturating_sub(s.last_ts()) > window.saturating_mul(16))
+                self.seg(**id)
+                    .map(|s| {
+                        force
+                            || now.saturating_sub(s.last_ts())
+                                > window.saturating_mul(STALE_WINDOWS)
+                    })
                     .unwrap_or(true)
             })
             .map(|(skb, id)| (*skb, *id))
@@ -265,23 +343,22 @@ impl Joiner {
             self.stats.unfinished += 1;
             self.end(skb, id);
         }
-        let mut due: Vec<(u64, u64)> = self
-            .segs
-            .iter()
-            .filter(|(_, s)| {
-                s.ended && !s.finalized && (force || now.saturating_sub(s.last_ts()) > window)
-            })
-            .map(|(id, s)| (s.last_ts(), *id))
-            .collect();
-        due.sort_unstable();
-        for (_, id) in due {
+        while let Some(&id) = self.ended.front() {
+            let due = match self.seg(id) {
+                Some(s) => force || now.saturating_sub(s.last_ts()) > window,
+                None => true,
+            };
+            if !due {
+                break;
+            }
+            self.ended.pop_front();
             self.finalize(id);
         }
     }
 
-    fn finalize(&mut self, id: u64) {
-        let emit = match self.segs.get_mut(&id) {
-            Some(seg) => {
+    fn finalize(&mut self, id: SegId) {
+        let emit = match self.seg_mut(id) {
+            Some(seg) if !seg.finalized => {
                 seg.finalized = true;
                 // Its own path, unless every hop after the last copy is only the free.
                 seg.hops[seg.max_child_link.min(seg.hops.len())..]
@@ -289,29 +366,25 @@ impl Joiner {
                     .any(|(p, _)| !matches!(p.hook, Hook::ConsumeSkb | Hook::KfreeSkb))
                     || seg.open_children == 0 && seg.max_child_link == 0
             }
-            None => return,
+            _ => return,
         };
         if emit {
-            let hops = self.path_of(id, usize::MAX);
-            if let (Some(first), Some(last)) = (hops.first(), hops.last()) {
-                let ns = last.1.saturating_sub(first.1);
-                self.out.push(Observation::Path {
-                    hops: hops.into_iter().map(|(p, _)| p).collect(),
-                    ns,
-                });
+            if let Some((hops, ns)) = self.path_of(id) {
+                self.out.push(Observation::Path { hops, ns });
             }
         }
         self.release(id);
     }
 
-    /// The hops of segment `id` up to `upto`, preceded by its ancestors' hops before each copy.
-    fn path_of(&self, id: u64, upto: usize) -> Vec<(Point, u64)> {
-        let mut chain = Vec::new();
-        let (mut cur, mut limit) = (Some(id), upto);
+    /// The points of segment `id`'s whole path (its ancestors' hops before each copy, then its
+    /// own) and the time from the first to the last; None for a segment without hops.
+    fn path_of(&self, id: SegId) -> Option<(Vec<Point>, u64)> {
+        let mut chain: Vec<&[(Point, u64)]> = Vec::new();
+        let (mut cur, mut limit) = (Some(id), usize::MAX);
         // Guard against cycles, which `start` cannot make, by bounding the walk.
         for _ in 0..64 {
             let Some(cid) = cur else { break };
-            let Some(seg) = self.segs.get(&cid) else {
+            let Some(seg) = self.seg(cid) else {
                 break;
             };
             let n = limit.min(seg.hops.len());
@@ -324,29 +397,41 @@ impl Joiner {
                 None => cur = None,
             }
         }
-        chain.into_iter().rev().flatten().cloned().collect()
+        let first = chain.iter().rev().find_map(|c| c.first())?.1;
+        let last = chain.iter().find_map(|c| c.last())?.1;
+        let mut points = Vec::with_capacity(chain.iter().map(|c| c.len()).sum());
+        for c in chain.iter().rev() {
+            points.extend(c.iter().map(|(p, _)| *p));
+        }
+        Some((points, last.saturating_sub(first)))
     }
 
     /// Drops a finalized segment once no child needs it, then its parent likewise.
-    fn release(&mut self, mut id: u64) {
+    fn release(&mut self, mut id: SegId) {
         loop {
-            let Some(seg) = self.segs.get(&id) else {
+            let Some(seg) = self.seg(id) else {
                 return;
             };
             if !seg.finalized || seg.open_children > 0 {
                 return;
             }
-            let parent = seg.parent;
-            let fp = seg.fingerprint;
-            self.segs.remove(&id);
-            if let Some(ids) = self.by_fp.get_mut(&fp) {
-                ids.retain(|x| *x != id);
+            let Some(seg) = self.slots[id as usize].take() else {
+                return;
+            };
+            self.free.push(id);
+            if let Some(ids) = self.by_fp.get_mut(&seg.fingerprint) {
+                ids.remove(id);
                 if ids.is_empty() {
-                    self.by_fp.remove(&fp);
+                    self.by_fp.remove(&seg.fingerprint);
                 }
             }
-            let Some((pid, _)) = parent else { return };
-            if let Some(p) = self.segs.get_mut(&pid) {
+            if self.spare_hops.len() < SPARE_HOPS {
+                let mut hops = seg.hops;
+                hops.clear();
+                self.spare_hops.push(hops);
+            }
+            let Some((pid, _)) = seg.parent else { return };
+            if let Some(p) = self.seg_mut(pid) {
                 p.open_children = p.open_children.saturating_sub(1);
             }
             id = pid;
@@ -364,7 +449,7 @@ mod tests {
             skb,
             fingerprint: fp,
             hook,
-            iface: iface.map(Arc::from),
+            iface: iface.map(Iface::new),
             first: false,
         }
     }

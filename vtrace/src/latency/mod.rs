@@ -1,6 +1,7 @@
 //! `vtrace latency`: per-stage latency across the host data path, joined across copies.
 
 pub mod compare;
+pub mod iface;
 pub mod join;
 pub mod report;
 

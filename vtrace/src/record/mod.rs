@@ -20,7 +20,6 @@ use std::{
     fs::File,
     io::{self, BufReader, BufWriter, Read, Write},
     path::Path,
-    sync::Arc,
     time::Duration,
 };
 
@@ -32,7 +31,7 @@ use crate::{
     cli::{RecordArgs, ReportArgs},
     drops::{self, DropEntry, DropsReport},
     kernel::netdev,
-    latency::{self, join::HopIn, report::LatencyReport, Pipeline},
+    latency::{self, iface::Iface, join::HopIn, report::LatencyReport, Pipeline},
     session::{self, IfaceNamer, Timing},
     tracer::{Counters, Tracer, TracerOptions},
 };
@@ -320,7 +319,7 @@ pub struct Replayed {
 /// Replays the frames after the header through the latency pipeline and builds both reports.
 pub fn replay<R: Read>(reader: &mut Reader<R>, header: &Header, window_ms: f64) -> Replayed {
     let mut pipeline = Pipeline::new(window_ms);
-    let mut devices: HashMap<u32, (Arc<str>, u32)> = HashMap::new();
+    let mut devices: HashMap<u32, (Iface, u32)> = HashMap::new();
     let mut trailer: Option<Trailer> = None;
     let mut problem: Option<FormatError> = None;
     let mut last_ts: Option<u64> = None;
@@ -328,7 +327,7 @@ pub fn replay<R: Read>(reader: &mut Reader<R>, header: &Header, window_ms: f64) 
     loop {
         match reader.next_frame() {
             Ok(Some(Frame::Device(d))) => {
-                devices.insert(d.id, (Arc::from(d.name.as_str()), d.ifindex));
+                devices.insert(d.id, (Iface::new(&d.name), d.ifindex));
             }
             Ok(Some(Frame::Hop(h))) => {
                 // The reader checked that the device was defined.
@@ -336,7 +335,7 @@ pub fn replay<R: Read>(reader: &mut Reader<R>, header: &Header, window_ms: f64) 
                     continue;
                 };
                 // Named as `vtrace latency` names hops.
-                let iface = crate::latency::has_device(h.hook, *ifindex).then(|| name.clone());
+                let iface = crate::latency::has_device(h.hook, *ifindex).then_some(*name);
                 pipeline.push_named(HopIn {
                     ts: h.ts_ns,
                     skb: h.skb,

@@ -18,7 +18,7 @@ use vtrace_common::{
 
 /// Entries of the tracking map: its per-CPU LRU lists split max_entries between the possible
 /// CPUs, so each CPU gets `TRACKED_PER_CPU`.
-fn tracked_entries() -> u32 {
+pub(crate) fn tracked_entries() -> u32 {
     let cpus = aya::util::nr_cpus().unwrap_or(1).max(1) as u32;
     vtrace_common::TRACKED_PER_CPU.saturating_mul(cpus)
 }

@@ -1480,7 +1480,12 @@ mod tests {
         let Some(btf) = vmlinux() else { return };
         let aya_btf = aya::Btf::from_sys_fs().expect("aya parses the kernel's BTF");
         use aya_obj::btf::BtfKind;
-        for f in ["netif_receive_skb", "br_handle_frame", "veth_xmit", "kfree_skb_reason"] {
+        for f in [
+            "netif_receive_skb",
+            "br_handle_frame",
+            "veth_xmit",
+            "kfree_skb_reason",
+        ] {
             assert_eq!(
                 btf.func_id(f),
                 aya_btf.id_by_type_name_kind(f, BtfKind::Func).ok(),

@@ -1,13 +1,17 @@
 //! What vtrace reads from the running kernel: BTF (struct offsets, drop reasons, functions),
-//! /proc/kallsyms, device counters, and the privileges and mounts it needs.
+//! /proc/kallsyms, device counters, and the privileges and mounts it needs; and the few bpf(2)
+//! commands vtrace issues itself (module BTF objects, loading fentry programs on module functions).
 
+pub mod bpf_sys;
 // General-purpose readers of kernel formats: not every accessor is used by every command.
 #[allow(dead_code)]
 pub mod btf;
+pub mod btf_object;
 #[allow(dead_code)]
 pub mod kallsyms;
 pub mod netdev;
 pub mod privileges;
+pub mod prog_load;
 
 use std::collections::BTreeMap;
 

@@ -161,7 +161,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub filter: FilterArgs,
     /// Time 1 packet in N (counts stay exact: every packet is counted in the kernel).
-    #[arg(long, default_value = "16", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value = "64", value_parser = clap::value_parser!(u32).range(1..))]
     pub sample: u32,
     /// How long after its last hop a packet may still be joined by a copy, in ms.
     #[arg(long, default_value = "1000", value_parser = parse_positive)]

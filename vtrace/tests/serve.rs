@@ -498,13 +498,14 @@ fn prometheus_scrapes_the_exporter() {
     require_tool(PROMETHEUS);
     let lab = Lab::up(LabOptions::new()).expect("lab up");
     let v = lab.virt().clone();
-    // The default sample (1 in 16): 200 pings each way are plenty to time some.
+    // The default sample (1 in 64): 600 pings each way time about 19 packets; the chance that
+    // none of the 1,200 is sampled is below 1e-8.
     let exporter = Exporter::start(&[]);
     let mut prom = PrometheusServer::start(exporter.addr);
     prom.wait_ready(Duration::from_secs(30));
 
-    let stats = ping(&v.sender_ns, v.receiver_ip, 200, Duration::from_millis(15)).expect("ping");
-    assert_eq!(stats.received, 200, "every ping answered: {stats:?}");
+    let stats = ping(&v.sender_ns, v.receiver_ip, 600, Duration::from_millis(10)).expect("ping");
+    assert_eq!(stats.received, 600, "every ping answered: {stats:?}");
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let (up, lost, edges) = loop {

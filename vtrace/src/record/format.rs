@@ -22,7 +22,7 @@
 //! | 0x01 | header  | vtrace_version:str kernel_release:str (uname -r) hostname:str boot_id:str clock:str start_mono_ns:u64 start_unix_ns:u64 sample_every:u32 flags:u32 (`vtrace_common::flags`) ring_kib:u32 command:str |
 //! | 0x02 | device  | id:u32 ifindex:u32 netns:u32 ifname:[u8;16] (NUL-padded) name:str (resolved: `name` or `name@netns`) |
 //! | 0x03 | hop     | ts_ns:u64 skb:u64 fingerprint:u64 location:u64 device:u32 cpu:u32 len:u32 reason:u32 flags:u32 hook:u8 (53 bytes) |
-//! | 0x04 | trailer | duration_s:f64 end_mono_ns:u64 hop_events:u64 counters:(n:u32 u64[n]) drops:(n:u32 drop[n]) ifaces:(n:u32 iface[n]) notes:(n:u32 str[n]) |
+//! | 0x04 | trailer | duration_s:f64 end_mono_ns:u64 hop_events:u64 counters:(n:u32 u64[n]) drops:(n:u32 drop[n]) ifaces:(n:u32 iface[n]) notes:(n:u32 str[n]), then (added later in version 2, absent from older files) drop_devices:(n:u32 u8[n]) drivers:(n:u32 driver[n]) |
 //!
 //! - `clock`: a note on the hop timestamps: `CLOCK_MONOTONIC` (`bpf_ktime_get_ns`), nanoseconds
 //!   since this boot (`boot_id`) not counting suspend; `start_mono_ns` and `start_unix_ns` are
@@ -42,6 +42,11 @@
 //! - `iface = name:str rx_dropped:u64 tx_dropped:u64 rx_missed_errors:u64 rx_fifo_errors:u64
 //!   tx_fifo_errors:u64`: the device's own counters, deltas over the recording (devices of
 //!   the recording host's own network namespace; only the `--iface` ones when given).
+//! - `drop_devices`: one per drop, in order: 0 = the drop's device is `skb->dev` at the drop,
+//!   1 = the skb had none and it is the device it last arrived on (`skb->skb_iif`).
+//! - `driver = iface:str role:str function:str module:str (empty: built in) calls:u64
+//!   has_napi:u8 napi_packets:u64 napi_budget_exhausted:u64 hook:str (empty: none) tier:str`:
+//!   the driver functions discovered while recording (`vtrace drops`' driver table).
 //! - `hop_events` is the number of hop frames before the trailer (a consistency check).
 //!
 //! Compatible additions within a version append fields at the end of a payload: readers skip
@@ -58,6 +63,8 @@ use std::{
 };
 
 use vtrace_common::{Hook, IFNAMSIZ};
+
+use crate::discovery::{DriverFunction, NapiRounds};
 
 /// The first bytes of every record file.
 pub const MAGIC: &[u8; 11] = b"VTRACE-REC\0";
@@ -139,6 +146,8 @@ pub struct DropRecord {
     pub location: String,
     pub reason_code: u32,
     pub count: u64,
+    /// The skb had no device at the drop: `iface` is the one it last arrived on.
+    pub arrival: bool,
 }
 
 /// A device's own drop counters, deltas over the recording.
@@ -165,6 +174,8 @@ pub struct Trailer {
     pub ifaces: Vec<IfaceCounters>,
     /// Problems met while recording (e.g. the drop table could not be read).
     pub notes: Vec<String>,
+    /// Driver functions discovered while recording.
+    pub drivers: Vec<DriverFunction>,
 }
 
 /// A frame after the header.
@@ -381,6 +392,27 @@ impl<W: Write> Writer<W> {
         for n in &t.notes {
             put_str(p, n);
         }
+        put_u32(p, t.drops.len() as u32);
+        for d in &t.drops {
+            p.push(u8::from(d.arrival));
+        }
+        put_u32(p, t.drivers.len() as u32);
+        for d in &t.drivers {
+            put_str(p, &d.iface);
+            put_str(p, &d.role);
+            put_str(p, &d.function);
+            put_str(p, d.module.as_deref().unwrap_or(""));
+            put_u64(p, d.calls);
+            let napi = d.napi.unwrap_or(NapiRounds {
+                packets: 0,
+                budget_exhausted: 0,
+            });
+            p.push(u8::from(d.napi.is_some()));
+            put_u64(p, napi.packets);
+            put_u64(p, napi.budget_exhausted);
+            put_str(p, d.hook.as_deref().unwrap_or(""));
+            put_str(p, &d.tier);
+        }
         self.emit(KIND_TRAILER)?;
         self.out.flush()
     }
@@ -452,6 +484,9 @@ impl<'a> Cur<'a> {
         let n = self.u32(what)? as usize;
         let s = self.take(n, what)?;
         String::from_utf8(s.to_vec()).map_err(|_| format!("{what} is not UTF-8"))
+    }
+    fn at_end(&self) -> bool {
+        self.i >= self.b.len()
     }
     /// A count of items of at least `min_size` bytes each, checked against what is left.
     fn count(&mut self, min_size: usize, what: &str) -> Result<usize, String> {
@@ -547,6 +582,7 @@ fn parse_trailer(p: &[u8]) -> Result<Trailer, String> {
             location: c.str("drop location")?,
             reason_code: c.u32("drop reason code")?,
             count: c.u64("drop count")?,
+            arrival: false,
         });
     }
     let mut ifaces = Vec::new();
@@ -564,6 +600,44 @@ fn parse_trailer(p: &[u8]) -> Result<Trailer, String> {
     for _ in 0..c.count(4, "notes")? {
         notes.push(c.str("note")?);
     }
+    // Added later in version 2: older files end here.
+    let mut drivers = Vec::new();
+    if !c.at_end() {
+        let n = c.count(1, "drop devices")?;
+        if n != drops.len() {
+            return Err(format!("{n} drop devices for {} drops", drops.len()));
+        }
+        for d in drops.iter_mut() {
+            d.arrival = match c.u8("drop device")? {
+                0 => false,
+                1 => true,
+                v => return Err(format!("drop device {v}")),
+            };
+        }
+        for _ in 0..c.count(4 * 6 + 8 * 3 + 1, "drivers")? {
+            let opt = |s: String| (!s.is_empty()).then_some(s);
+            let iface = c.str("driver iface")?;
+            let role = c.str("driver role")?;
+            let function = c.str("driver function")?;
+            let module = opt(c.str("driver module")?);
+            let calls = c.u64("driver calls")?;
+            let has_napi = c.u8("driver napi")? != 0;
+            let napi = NapiRounds {
+                packets: c.u64("napi packets")?,
+                budget_exhausted: c.u64("napi budget exhausted")?,
+            };
+            drivers.push(DriverFunction {
+                iface,
+                role,
+                function,
+                module,
+                calls,
+                napi: has_napi.then_some(napi),
+                hook: opt(c.str("driver hook")?),
+                tier: c.str("driver tier")?,
+            });
+        }
+    }
     Ok(Trailer {
         duration_s,
         end_mono_ns,
@@ -572,6 +646,7 @@ fn parse_trailer(p: &[u8]) -> Result<Trailer, String> {
         drops,
         ifaces,
         notes,
+        drivers,
     })
 }
 
@@ -901,6 +976,7 @@ mod tests {
                 location: "f+0x1".into(),
                 reason_code: 3,
                 count: 9,
+                arrival: true,
             }],
             ifaces: vec![IfaceCounters {
                 iface: "eth0".into(),
@@ -908,10 +984,27 @@ mod tests {
                 ..Default::default()
             }],
             notes: vec!["n".into()],
+            drivers: vec![sample_driver()],
             ..Default::default()
         })
         .unwrap();
         w.into_inner()
+    }
+
+    fn sample_driver() -> DriverFunction {
+        DriverFunction {
+            iface: "eth0".into(),
+            role: "napi_poll".into(),
+            function: "virtnet_poll".into(),
+            module: Some("virtio_net".into()),
+            calls: 12,
+            napi: Some(NapiRounds {
+                packets: 40,
+                budget_exhausted: 1,
+            }),
+            hook: Some("virtnet_poll".into()),
+            tier: "refused: fentry: EPERM".into(),
+        }
     }
 
     fn read_all(bytes: &[u8], known_size: bool) -> (Vec<Frame>, Result<(), FormatError>) {
@@ -943,7 +1036,41 @@ mod tests {
                 assert_eq!(t.hop_events, 3);
                 assert_eq!(t.duration_s, 1.5);
                 assert_eq!(t.drops[0].count, 9);
+                assert!(t.drops[0].arrival);
                 assert_eq!(t.ifaces[0].rx_dropped, 1);
+                assert_eq!(t.drivers, vec![sample_driver()]);
+            }
+            f => panic!("{f:?}"),
+        }
+    }
+
+    /// Files written before the trailer gained drop devices and drivers end after the notes:
+    /// they still read, with every drop at its own device and no drivers.
+    #[test]
+    fn a_trailer_without_the_later_fields_still_reads() {
+        let mut w = Writer::new(Vec::new(), &header()).unwrap();
+        w.trailer(&Trailer {
+            duration_s: 2.0,
+            notes: vec!["old".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        let mut bytes = w.into_inner();
+        // The trailer is the last frame: kind, len, payload, crc. Without drops or drivers the
+        // later fields are two zero counts, the last 8 payload bytes: cut them, re-seal.
+        let crc_at = bytes.len() - 4;
+        bytes.drain(crc_at - 8..);
+        let start = bytes.iter().rposition(|b| *b == 0x04).unwrap();
+        let len = (bytes.len() - start - 5) as u32;
+        bytes[start + 1..start + 5].copy_from_slice(&len.to_le_bytes());
+        let crc = crc32(0, &bytes[start..]);
+        bytes.extend_from_slice(&crc.to_le_bytes());
+        let (frames, end) = read_all(&bytes, true);
+        end.unwrap();
+        match frames.last() {
+            Some(Frame::Trailer(t)) => {
+                assert_eq!(t.notes, vec!["old".to_string()]);
+                assert!(t.drivers.is_empty());
             }
             f => panic!("{f:?}"),
         }

@@ -265,6 +265,7 @@ fn final_trailer(
                 location: d.location,
                 reason_code: d.reason_code,
                 count: d.count,
+                arrival: d.device == "arrival",
             })
             .collect(),
         Err(e) => {
@@ -292,6 +293,15 @@ fn final_trailer(
             }
         })
         .collect();
+    let drivers = match resolver.drivers(tracer) {
+        Ok(d) => d,
+        Err(e) => {
+            notes.push(format!(
+                "the driver discovery table could not be read: {e:#}"
+            ));
+            Vec::new()
+        }
+    };
     Trailer {
         duration_s: elapsed.as_secs_f64(),
         end_mono_ns: monotonic_ns(),
@@ -300,6 +310,7 @@ fn final_trailer(
         drops,
         ifaces,
         notes,
+        drivers,
     }
 }
 
@@ -427,8 +438,7 @@ fn drops_report(trailer: Option<&Trailer>, duration_s: f64, counters: &Counters)
             location: d.location.clone(),
             count: d.count,
             reason_code: d.reason_code,
-            // Record files do not say where the name came from (yet).
-            device: "at_drop",
+            device: if d.arrival { "arrival" } else { "at_drop" },
         })
         .collect();
     drops.sort_by(|a, b| {
@@ -462,8 +472,7 @@ fn drops_report(trailer: Option<&Trailer>, duration_s: f64, counters: &Counters)
         drops,
         kfree_skb_calls: counters.hook(Hook::KfreeSkb),
         failed_map_inserts: counters.get(Counter::DropInsertFailed),
-        // Record files keep hop events and counters, not the driver discovery table.
-        drivers: Vec::new(),
+        drivers: trailer.map(|t| t.drivers.clone()).unwrap_or_default(),
     }
 }
 

@@ -159,6 +159,7 @@ fn xen_dom0_trailer(events: &[HopEvent]) -> Trailer {
                 location: "skb_release_data+0x8e".into(),
                 reason_code: 1,
                 count: 5,
+                arrival: false,
             },
             DropRecord {
                 iface: "vif2.0".into(),
@@ -166,6 +167,7 @@ fn xen_dom0_trailer(events: &[HopEvent]) -> Trailer {
                 location: "xenvif_start_xmit+0x1b4 [xen_netback]".into(),
                 reason_code: 2,
                 count: 2,
+                arrival: false,
             },
         ],
         ifaces: vec![
@@ -186,6 +188,21 @@ fn xen_dom0_trailer(events: &[HopEvent]) -> Trailer {
             },
         ],
         notes: Vec::new(),
+        // What discovery finds in a dom0: netback's NAPI poll serving the guest's vif (found
+        // from the device, attached on the function tier where the kernel allows it).
+        drivers: vec![crate::discovery::DriverFunction {
+            iface: "vif1.0".into(),
+            role: "napi_poll".into(),
+            function: "xenvif_poll".into(),
+            module: Some("xen_netback".into()),
+            calls: 3,
+            napi: Some(crate::discovery::NapiRounds {
+                packets: 3,
+                budget_exhausted: 0,
+            }),
+            hook: Some("xenvif_poll".into()),
+            tier: "attached (fentry)".into(),
+        }],
     }
 }
 
@@ -376,6 +393,19 @@ fn xen_dom0_replays_to_exact_edges_paths_and_drops() {
     );
     assert_eq!(d.kfree_skb_calls, 7);
     assert_eq!(d.duration_s, 4.0);
+    // The driver table comes back from the trailer.
+    let drivers: Vec<_> = d
+        .drivers
+        .iter()
+        .map(|f| {
+            (
+                f.iface.as_str(),
+                f.function.as_str(),
+                f.napi.map(|n| n.packets),
+            )
+        })
+        .collect();
+    assert_eq!(drivers, vec![("vif1.0", "xenvif_poll", Some(3))]);
     let ifaces: Vec<_> = d
         .ifaces
         .iter()

@@ -314,11 +314,12 @@ pub fn probe_all() -> Result<Vec<HookStatus>> {
         BtfInfo::vmlinux().map_err(|e| anyhow!("parsing /sys/kernel/btf/vmlinux: {e}"))?;
     let mut ebpf = load_object()?;
     let kprobes = kprobe_support();
+    let mut linker = tracer::LazyLinker::default();
     Ok(CATALOG
         .iter()
         .map(|hp| match hp.tier {
             Tier::Tracepoint => probe_tracepoint(&mut ebpf, &btf, hp),
-            Tier::Function => probe_function(&mut ebpf, &btf, &btf_info, hp, &kprobes),
+            Tier::Function => probe_function(&mut ebpf, &btf, btf_info, hp, &kprobes, &mut linker),
             Tier::Device => probe_device(&mut ebpf, hp),
         })
         .collect())
@@ -415,22 +416,26 @@ fn without_program(name: &str) -> Option<&'static str> {
 }
 
 /// A function is first looked up in BTF (vmlinux, then the module's BTF), with its compiler
-/// variants; then fentry is tried, then a kprobe.
+/// variants; then fentry is tried (against the module's BTF object for a module function),
+/// then a kprobe.
 fn probe_function(
     ebpf: &mut Ebpf,
     btf: &Btf,
     info: &BtfInfo,
     hp: &HookPoint,
     kprobes: &Result<(), String>,
+    linker: &mut tracer::LazyLinker,
 ) -> HookStatus {
     let mut st = status(hp);
     let mut symbols = info.func_names_matching(hp.name);
-    let mut in_module = false;
+    let mut module_btf = None;
     if symbols.is_empty() {
         if let Some(module) = hp.module {
             if let Ok(m) = BtfInfo::module(module, info) {
                 symbols = m.func_names_matching(hp.name);
-                in_module = !symbols.is_empty();
+                if !symbols.is_empty() {
+                    module_btf = Some((module, m));
+                }
             }
         }
     }
@@ -444,10 +449,35 @@ fn probe_function(
         });
         return st;
     };
-    if in_module {
-        // aya 0.14 resolves fentry targets in vmlinux BTF only; a module function needs the
-        // module's split BTF. Report the kprobe path for it.
-        st.reason = Some(format!("in module {} BTF", hp.module.unwrap_or("?")));
+    if let Some((module, m)) = &module_btf {
+        // aya 0.14 resolves fentry targets in vmlinux BTF only: vtrace loads this one itself,
+        // against the module's BTF object (kernel::prog_load), and detaches it at once.
+        let tried = linker.get(ebpf, btf).map_err(Failure::plain).and_then(|l| {
+            crate::kernel::prog_load::fentry_in_module(l, "vt_probe_fentry", module, m, &symbol)
+                .map_err(|e| Failure {
+                    errno: e.errno,
+                    message: e.message,
+                })
+        });
+        match tried {
+            Ok(attached) => {
+                drop(attached);
+                st.status = "available";
+                st.via = Some("fentry");
+                st.reason = Some(match without_program(hp.name) {
+                    Some(w) => format!("in module {module}; {w}"),
+                    None => format!("in module {module}"),
+                });
+                return st;
+            }
+            Err(e) => {
+                set_failure(&mut st, e);
+                st.reason = st
+                    .reason
+                    .take()
+                    .map(|r| format!("fentry (module {module}): {r}"));
+            }
+        }
     } else {
         match try_program::<FEntry>(ebpf, "vt_probe_fentry", |p| {
             p.load(&symbol, btf)?;
@@ -539,6 +569,15 @@ pub struct Failure {
     pub message: String,
 }
 
+impl Failure {
+    fn plain(message: String) -> Failure {
+        Failure {
+            errno: None,
+            message,
+        }
+    }
+}
+
 fn set_failure(st: &mut HookStatus, e: Failure) {
     st.status = match e.errno {
         Some(libc::ENOENT) | Some(libc::ESRCH) => "missing",
@@ -577,13 +616,7 @@ where
         let message = match &e {
             aya::programs::ProgramError::LoadError { verifier_log, .. } => {
                 let log = verifier_log.to_string();
-                let first = log
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("")
-                    .trim()
-                    .to_string();
+                let first = crate::kernel::prog_load::verifier_reason(&log).to_string();
                 format!(
                     "BPF_PROG_LOAD refused ({}), {}",
                     errno.map(errno_name).unwrap_or_else(|| "?".into()),

@@ -101,6 +101,9 @@ pub fn program_name(hook: Hook) -> &'static str {
 /// A loaded object with some hooks attached.
 pub struct Tracer {
     ebpf: Ebpf,
+    /// Programs vtrace loaded itself (fentry on module functions, see kernel::prog_load):
+    /// dropped with the Tracer, or by `detach`, which detaches and frees them.
+    loaded_raw: Vec<(Hook, crate::kernel::prog_load::Attached)>,
     pub attached: Vec<(Hook, Attachment)>,
     /// Function-tier hooks that could not be attached, and why.
     pub refused: Vec<(Hook, String)>,
@@ -178,6 +181,7 @@ impl Tracer {
             .map_err(|e| anyhow!("loading vtrace's eBPF object: {e}{}", hint(&e.to_string())))?;
         let mut tracer = Tracer {
             ebpf,
+            loaded_raw: Vec::new(),
             attached: Vec::new(),
             refused: Vec::new(),
             received: 0,
@@ -209,8 +213,10 @@ impl Tracer {
         };
         let kprobes = crate::hooks::kprobe_support();
         let kallsyms = crate::kernel::kallsyms::Kallsyms::load().ok();
+        // The object relocated against this Tracer's maps, made on the first module function.
+        let mut linker = LazyLinker::default();
         for hook in Hook::FUNCTIONS {
-            match self.attach_function(hook, btf, &info, &kprobes, kallsyms.as_ref()) {
+            match self.attach_function(hook, btf, info, &kprobes, kallsyms.as_ref(), &mut linker) {
                 Ok(how) => self.attached.push((hook, how)),
                 Err(why) => self.refused.push((hook, why)),
             }
@@ -224,6 +230,7 @@ impl Tracer {
         info: &crate::kernel::btf::Btf,
         kprobes: &Result<(), String>,
         kallsyms: Option<&crate::kernel::kallsyms::Kallsyms>,
+        linker: &mut LazyLinker,
     ) -> std::result::Result<Attachment, String> {
         use crate::hooks::{try_program, CATALOG};
         let name = hook.name();
@@ -245,19 +252,22 @@ impl Tracer {
                 Err(e) => format!("fentry: {}", e.message),
             }
         } else {
-            match module {
-                Some(m)
-                    if crate::kernel::btf::Btf::module(m, info).is_ok_and(|b| b.has_func(name)) =>
-                {
-                    // aya 0.14 resolves fentry targets in vmlinux BTF only.
-                    format!("in module {m}: fentry on module functions is not supported yet")
+            let module_btf = module.and_then(|m| crate::kernel::btf::Btf::module(m, info).ok());
+            match (module, module_btf) {
+                (Some(m), Some(mb)) if mb.has_func(name) => {
+                    // In a module: aya 0.14 cannot target module BTF, vtrace loads it itself.
+                    check_signature(&mb, hook)?;
+                    match self.attach_module_fentry(hook, m, &mb, btf, linker) {
+                        Ok(()) => return Ok(Attachment::Fentry),
+                        Err(e) => format!("fentry: {e}"),
+                    }
                 }
-                Some(m) => {
+                (Some(m), _) => {
                     return Err(format!(
                         "not in this kernel (module {m} not loaded, or {name} inlined)"
                     ))
                 }
-                None => return Err(format!("{name} is not in this kernel's BTF")),
+                (None, _) => return Err(format!("{name} is not in this kernel's BTF")),
             }
         };
         if let Err(why) = kprobes {
@@ -278,6 +288,29 @@ impl Tracer {
             Ok(()) => Ok(Attachment::Kprobe),
             Err(e) => Err(format!("{fentry_said}; kprobe: {}", e.message)),
         }
+    }
+
+    /// fentry on `hook`'s function in kernel module `module` (its split BTF `module_btf`),
+    /// loaded by vtrace itself (kernel::prog_load). Kept in `loaded_raw` until detached.
+    fn attach_module_fentry(
+        &mut self,
+        hook: Hook,
+        module: &str,
+        module_btf: &crate::kernel::btf::Btf,
+        btf: &Btf,
+        linker: &mut LazyLinker,
+    ) -> std::result::Result<(), String> {
+        let linker = linker.get(&self.ebpf, btf)?;
+        let attached = crate::kernel::prog_load::fentry_in_module(
+            linker,
+            &program_for(hook, Attachment::Fentry),
+            module,
+            module_btf,
+            hook.name(),
+        )
+        .map_err(|e| e.message)?;
+        self.loaded_raw.push((hook, attached));
+        Ok(())
     }
 
     fn unload(&mut self, hook: Hook, how: Attachment) {
@@ -349,6 +382,18 @@ impl Tracer {
         let mut out = Vec::new();
         for (hook, how) in &self.attached {
             let name = program_for(*hook, *how);
+            if let Some((_, raw)) = self.loaded_raw.iter().find(|(h, _)| h == hook) {
+                let info = raw
+                    .info()
+                    .map_err(|e| anyhow!("reading program {name}: {e}"))?;
+                out.push(crate::cost::ProgramCost::new(
+                    *hook,
+                    &name,
+                    info.run_cnt,
+                    info.run_time_ns,
+                ));
+                continue;
+            }
             let info = self
                 .ebpf
                 .program(&name)
@@ -369,6 +414,8 @@ impl Tracer {
     /// emitted).
     pub fn detach(&mut self) {
         self.final_costs = self.program_costs().ok();
+        // Closing the link and program fds detaches and frees what vtrace loaded itself.
+        self.loaded_raw.clear();
         for (hook, how) in std::mem::take(&mut self.attached) {
             self.unload(hook, how);
         }
@@ -414,6 +461,27 @@ impl Tracer {
             *out.entry(row).or_insert(0) += values.iter().sum::<u64>();
         }
         Ok(out)
+    }
+}
+
+/// The object relocated against one `Ebpf`'s maps (kernel::prog_load::Linker), made on first
+/// use: parsing the object again is only needed when a function is in a module. A failure is
+/// kept, so every module function reports it.
+#[derive(Default)]
+pub struct LazyLinker(Option<std::result::Result<crate::kernel::prog_load::Linker, String>>);
+
+impl LazyLinker {
+    pub fn get(
+        &mut self,
+        ebpf: &Ebpf,
+        btf: &Btf,
+    ) -> std::result::Result<&crate::kernel::prog_load::Linker, String> {
+        self.0
+            .get_or_insert_with(|| {
+                crate::kernel::prog_load::Linker::new(OBJECT, ebpf, btf).map_err(|e| e.message)
+            })
+            .as_ref()
+            .map_err(|e| e.clone())
     }
 }
 
@@ -570,5 +638,86 @@ mod tests {
                 .expect("raw_tp");
             prog.load().unwrap_or_else(|e| panic!("{raw}: {e:?}"));
         }
+    }
+
+    /// The function tier's module path as the Tracer takes it (`attach_module_fentry`, the
+    /// Tracer's own maps, `loaded_raw`): a module without a BTF object is one line of reason;
+    /// with a BTF object (vmlinux's standing in for a module's, as this machine loads no
+    /// modules) the kernel decides: it refuses fentry here (EPERM), leaving nothing recorded
+    /// or loaded; where fentry is allowed the hook counts, reports its cost and goes at
+    /// `detach`.
+    #[test]
+    fn module_fentry_in_the_tracer_fails_cleanly_or_attaches() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: loading programs needs root");
+            return;
+        }
+        use crate::kernel::bpf_sys::{self, bpf_cmd};
+        let before: std::collections::HashSet<u32> = bpf_sys::ids(bpf_cmd::BPF_PROG_GET_NEXT_ID)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let info = crate::kernel::btf::Btf::vmlinux().expect("BTF");
+        let mut config = Config::zeroed();
+        config.offsets = crate::kernel::resolve_offsets(info).expect("offsets");
+        let mut tracer = Tracer::start(TracerOptions {
+            config,
+            hooks: Vec::new(),
+            ring_bytes: 1 << 16,
+            functions: false,
+        })
+        .expect("tracer starts");
+        let btf = Btf::from_sys_fs().expect("BTF");
+        let mut linker = LazyLinker::default();
+        let hook = Hook::BrHandleFrame;
+
+        let no_object = "vtrace_no_such_module";
+        let e = tracer
+            .attach_module_fentry(hook, no_object, info, &btf, &mut linker)
+            .unwrap_err();
+        assert!(
+            e.contains(&format!("module {no_object}")) && !e.contains('\n'),
+            "{e}"
+        );
+        assert!(tracer.loaded_raw.is_empty());
+
+        match tracer.attach_module_fentry(hook, "vmlinux", info, &btf, &mut linker) {
+            Ok(()) => {
+                eprintln!("fentry allowed on this kernel: the module path attached");
+                tracer.attached.push((hook, Attachment::Fentry));
+                let costs = tracer.program_costs().expect("costs");
+                assert_eq!(costs.len(), 1);
+                assert_eq!(costs[0].program, program_for(hook, Attachment::Fentry));
+                tracer.detach();
+                assert!(tracer.loaded_raw.is_empty() && tracer.attached.is_empty());
+            }
+            Err(e) => {
+                eprintln!("fentry refused through the module path: {e}");
+                assert!(e.starts_with("BPF_PROG_LOAD refused ("), "{e}");
+                assert!(!e.contains('\n'), "one line: {e}");
+                assert!(tracer.loaded_raw.is_empty());
+            }
+        }
+        drop(tracer);
+        // Nothing of the function tier stays loaded (the kernel frees asynchronously).
+        let left = || -> Vec<(u32, String)> {
+            let new: Vec<u32> = bpf_sys::ids(bpf_cmd::BPF_PROG_GET_NEXT_ID)
+                .unwrap()
+                .into_iter()
+                .filter(|id| !before.contains(id))
+                .collect();
+            bpf_sys::prog_names(&new)
+                .into_iter()
+                .filter(|(_, n)| n.starts_with("vt_fn_"))
+                .collect()
+        };
+        for _ in 0..50 {
+            if left().is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(left().is_empty(), "left loaded: {:?}", left());
     }
 }

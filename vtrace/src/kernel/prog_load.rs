@@ -170,12 +170,7 @@ impl Linker {
                 let errno = e.raw_os_error().or(first.raw_os_error());
                 let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
                 let text = String::from_utf8_lossy(&log[..end]);
-                let last = text
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("")
-                    .trim();
+                let last = verifier_reason(&text);
                 Err(Error {
                     errno,
                     message: format!(
@@ -191,6 +186,18 @@ impl Linker {
             }
         }
     }
+}
+
+/// The line of a verifier log that says why: the last one that is not the statistics the
+/// verifier appends after a refusal too (`processed N insns ...`, `verification time`,
+/// `stack depth`). Empty for an empty log (EPERM before verification, for one).
+pub fn verifier_reason(log: &str) -> &str {
+    const STATS: [&str; 3] = ["processed ", "verification time ", "stack depth "];
+    log.lines()
+        .rev()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !STATS.iter().any(|s| l.starts_with(s)))
+        .unwrap_or("")
 }
 
 /// BPF_PROG_LOAD with the target in `attach_btf_id`/`attach_btf_obj_fd`.
@@ -314,6 +321,30 @@ mod tests {
     fn is_root() -> bool {
         // SAFETY: geteuid has no preconditions.
         unsafe { libc::geteuid() == 0 }
+    }
+
+    /// The reason line of verifier logs seen on real kernels: fentry on bridge's
+    /// `br_handle_frame` (its argument 0 is a `struct sk_buff **`) on Debian's 6.12, where the
+    /// last line alone was the statistics; a tp_btf program reading an argument 6.1's
+    /// `consume_skb` does not have (aya's log of it, log level with statistics).
+    #[test]
+    fn verifier_reason_skips_the_statistics() {
+        let fentry = "invalid bpf_context access off=0 size=8\n\
+            processed 1 insns (limit 1000000) max_states_per_insn 0 total_states 0 peak_states 0 mark_read 0\n";
+        assert_eq!(
+            verifier_reason(fentry),
+            "invalid bpf_context access off=0 size=8"
+        );
+        let tp = "0: R1=ctx(off=0,imm=0) R10=fp0\n0: (79) r7 = *(u64 *)(r1 +8)\n\
+            func 'consume_skb' doesn't have 2-th argument\ninvalid bpf_context access off=8 size=8\n\
+            verification time 272 usec\nstack depth 0+0\n\
+            processed 1 insns (limit 1000000) max_states_per_insn 0 total_states 0 peak_states 0 mark_read 0\n\n";
+        assert_eq!(
+            verifier_reason(tp),
+            "invalid bpf_context access off=8 size=8"
+        );
+        assert_eq!(verifier_reason(""), "");
+        assert_eq!(verifier_reason("\n  \n"), "");
     }
 
     /// vtrace's object loaded by aya as `Tracer::start` loads it, and the kernel's BTF (aya's).

@@ -129,8 +129,11 @@ pub struct JoinStats {
 /// Hop vectors kept for reuse: a flood starts and releases tens of thousands of segments a
 /// second, and reusing their vectors keeps the allocator out of the per-event path.
 /// A live skb silent for this many windows is taken as ended: its free was lost or has no
-/// tracepoint (a UDP socket's receive path frees without one).
-const STALE_WINDOWS: u64 = 16;
+/// tracepoint. That is the common case, not a rare one: a UDP socket copies small datagrams
+/// out and frees them without a tracepoint, so every sampled UDP packet delivered to a local
+/// socket waits this long. Four windows (4 s by default) keeps that memory small and still
+/// lets a packet sit in a queue for seconds before its next hop.
+const STALE_WINDOWS: u64 = 4;
 
 const SPARE_HOPS: usize = 4096;
 
@@ -320,7 +323,7 @@ impl Joiner {
     }
 
     /// Finalizes segments that ended more than a window ago (all of them with `force`), emitting
-    /// their paths. Live segments silent for 16 windows are taken as ended (their free was lost).
+    /// their paths. Live segments silent for `STALE_WINDOWS` windows are taken as ended.
     pub fn flush(&mut self, force: bool) {
         let now = self.now;
         self.last_flush = now;

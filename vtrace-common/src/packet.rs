@@ -235,7 +235,7 @@ fn covered_mask(covered: u64, k: u64) -> u64 {
 /// Consistent sampling: every hop, on both sides of a copy, takes the same decision for the
 /// same packet because it is taken from the fingerprint alone.
 pub fn sampled(fingerprint: u64, every: u32) -> bool {
-    every <= 1 || (fingerprint >> 17) % every as u64 == 0
+    every <= 1 || (fingerprint >> 17).is_multiple_of(every as u64)
 }
 
 /// The packet filter set at load time (`Config`).

@@ -33,6 +33,9 @@ pub fn iface_selected(shown: &str, only: &[String]) -> bool {
     only.is_empty() || only.iter().any(|o| o == base)
 }
 
+/// Drop counts by (device, reason, location), as the previous refresh saw them.
+type DropCounts = HashMap<(String, String, String), u64>;
+
 #[derive(Clone, Debug, Serialize)]
 pub struct DropEntry {
     pub iface: String,
@@ -241,7 +244,7 @@ pub fn run(args: &DropsArgs) -> Result<()> {
     let mut resolver = Resolver::new()?;
     let before = netdev::snapshot();
     let live = !args.json && std::io::stdout().is_terminal();
-    let mut last: Option<(Duration, HashMap<(String, String, String), u64>)> = None;
+    let mut last: Option<(Duration, DropCounts)> = None;
     let mut final_report = None;
     session::run_blocking(
         opts,

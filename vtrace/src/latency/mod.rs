@@ -196,7 +196,7 @@ impl FilterArgs {
             anyhow::anyhow!("reading the kernel's BTF (/sys/kernel/btf/vmlinux): {e}")
         })?;
         let mut c = vtrace_common::Config::zeroed();
-        c.offsets = crate::kernel::resolve_offsets(&btf)?;
+        c.offsets = crate::kernel::resolve_offsets(btf)?;
         c.flags = features;
         c.sample_every = sample.max(1);
         if !self.include_loopback {

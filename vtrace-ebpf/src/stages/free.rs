@@ -9,16 +9,18 @@ use vtrace_common::Hook;
 
 use crate::hop::free_hop;
 
-// TP_PROTO(struct sk_buff *skb, void *location) since 6.3.
+// TP_PROTO(struct sk_buff *skb), and since 6.3 (struct sk_buff *skb, void *location). Only the
+// skb is read: the verifier refuses an argument the kernel's tracepoint does not have, and a
+// normal free's location is not reported, so one program loads on 6.1 (Debian 12) and later.
 #[btf_tracepoint(function = "consume_skb")]
 pub fn vt_free_consume_skb(ctx: BtfTracePointContext) -> i32 {
-    free_hop(Hook::ConsumeSkb, ctx.arg(0), ctx.arg(1), None);
+    free_hop(Hook::ConsumeSkb, ctx.arg(0), 0, None);
     0
 }
 
 #[raw_tracepoint(tracepoint = "consume_skb")]
 pub fn vt_free_consume_skb_raw(ctx: RawTracePointContext) -> i32 {
-    free_hop(Hook::ConsumeSkb, ctx.arg(0), ctx.arg(1), None);
+    free_hop(Hook::ConsumeSkb, ctx.arg(0), 0, None);
     0
 }
 

@@ -181,16 +181,10 @@ pub fn ports(l3: &L3, l4: &L4Words) -> (u16, u16) {
 ///
 /// `l4` holds what was read at the transport header; only bytes within the packet (`l4_len`)
 /// are hashed, so memory past the end of a short packet never changes the result. The hash
-/// works on 64-bit words (a handful of multiplies): it runs at every entry hop of every packet.
+/// works on 64-bit words (independent multiplies, summed): it runs at every entry hop of every
+/// packet.
 #[inline(always)]
 pub fn fingerprint(l3: &L3, l4: &L4Words) -> u64 {
-    let mut h = Mixer(0x243f_6a88_85a3_08d3);
-    h.word(l3.src[0]);
-    h.word(l3.src[1]);
-    h.word(l3.dst[0]);
-    h.word(l3.dst[1]);
-    h.word(((l3.proto as u64) << 32) | l3.l4_len as u64);
-    h.word(l3.ident as u64);
     // Transport fields that survive a copy: ports and TCP seq/ack and flags; the UDP length;
     // ICMP type/code/id/seq. Then payload bytes up to L4_READ, bounded by the packet's length.
     // Checksums are masked out (TCP bytes 16-17, UDP 6-7, ICMP 2-3; little-endian word order):
@@ -207,10 +201,19 @@ pub fn fingerprint(l3: &L3, l4: &L4Words) -> u64 {
     } else {
         L4_READ as u64
     };
-    h.word(l4[0] & covered_mask(covered, 0) & !checksum[0]);
-    h.word(l4[1] & covered_mask(covered, 1) & !checksum[1]);
-    h.word(l4[2] & covered_mask(covered, 2) & !checksum[2]);
-    let v = h.finish();
+    // Each word times its own odd constant, summed: the products are independent (no chain
+    // of multiplies, no rotates, which BPF has no instruction for), then one avalanche.
+    let sum = l3.src[0]
+        .wrapping_mul(K[0])
+        .wrapping_add(l3.src[1].wrapping_mul(K[1]))
+        .wrapping_add(l3.dst[0].wrapping_mul(K[2]))
+        .wrapping_add(l3.dst[1].wrapping_mul(K[3]))
+        .wrapping_add((((l3.proto as u64) << 32) | l3.l4_len as u64).wrapping_mul(K[4]))
+        .wrapping_add((l3.ident as u64).wrapping_mul(K[5]))
+        .wrapping_add((l4[0] & covered_mask(covered, 0) & !checksum[0]).wrapping_mul(K[6]))
+        .wrapping_add((l4[1] & covered_mask(covered, 1) & !checksum[1]).wrapping_mul(K[7]))
+        .wrapping_add((l4[2] & covered_mask(covered, 2) & !checksum[2]).wrapping_mul(K[8]));
+    let v = avalanche(sum);
     if v == 0 {
         1
     } else {
@@ -233,9 +236,13 @@ fn covered_mask(covered: u64, k: u64) -> u64 {
 }
 
 /// Consistent sampling: every hop, on both sides of a copy, takes the same decision for the
-/// same packet because it is taken from the fingerprint alone.
+/// same packet because it is taken from the fingerprint alone. The fingerprint's high 32 bits,
+/// uniform after its final avalanche, are scaled to `0..every` with a multiply and a shift
+/// (sampled: 0, i.e. the lowest 1/every of the range): a modulo would put a 64-bit division in
+/// every entry hook, for every packet.
+#[inline(always)]
 pub fn sampled(fingerprint: u64, every: u32) -> bool {
-    every <= 1 || (fingerprint >> 17).is_multiple_of(every as u64)
+    every <= 1 || ((fingerprint >> 32) * every as u64) >> 32 == 0
 }
 
 /// The packet filter set at load time (`Config`).
@@ -266,24 +273,29 @@ impl Filter {
     }
 }
 
-/// A multiply-xorshift mixer over 64-bit words (the finalizer is MurmurHash3's fmix64).
-struct Mixer(u64);
+/// One odd multiplier per hashed word (the SHA-512 initial hash values, made odd, and the
+/// golden ratio). Odd: a word that differs changes its product, so a single changed field always
+/// changes the sum.
+const K: [u64; 9] = [
+    0x6a09_e667_f3bc_c909,
+    0xbb67_ae85_84ca_a73b,
+    0x3c6e_f372_fe94_f82b,
+    0xa54f_f53a_5f1d_36f1,
+    0x510e_527f_ade6_82d1,
+    0x9b05_688c_2b3e_6c1f,
+    0x1f83_d9ab_fb41_bd6b,
+    0x5be0_cd19_137e_2179,
+    0x9e37_79b9_7f4a_7c15,
+];
 
-impl Mixer {
-    #[inline(always)]
-    fn word(&mut self, w: u64) {
-        self.0 = (self.0 ^ w)
-            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            .rotate_left(31);
-    }
-    fn finish(&self) -> u64 {
-        // Final avalanche so that `sampled` can take bits from the middle.
-        let mut x = self.0;
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
-        x ^= x >> 33;
-        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-        x ^= x >> 33;
-        x
-    }
+/// MurmurHash3's fmix64: every input bit reaches every output bit, so `sampled` can take the
+/// high half.
+#[inline(always)]
+fn avalanche(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    x
 }

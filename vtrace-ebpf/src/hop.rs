@@ -11,7 +11,9 @@ use crate::{
     config::conf,
     drivers,
     kernel::{self, Access, Untyped},
-    maps::{bump, XmitHandOver, DROPS, EVENTS, TRACKED, XMIT_HANDOVER, XMIT_SLOTS_LEN},
+    maps::{
+        bump, XmitHandOver, DROPS, EVENTS, QUEUE_DECISION, TRACKED, XMIT_HANDOVER, XMIT_SLOTS_LEN,
+    },
 };
 
 /// include/uapi/linux/bpf.h: submit without notifying the consumer.
@@ -46,6 +48,9 @@ pub fn device_hop<A: Access>(hook: Hook, role: Role, skb: u64, dev: u64) {
     }
     let (fingerprint, first, (dev, ifindex)) = match role {
         Role::Transit => {
+            if hook == Hook::NetDevStartXmit && queued_unsampled(skb) {
+                return;
+            }
             let Some(fp) = tracked::<A>(skb) else { return };
             let Some(d) = device::<A>(skb, dev) else {
                 return;
@@ -58,6 +63,9 @@ pub fn device_hop<A: Access>(hook: Hook, role: Role, skb: u64, dev: u64) {
                 return;
             };
             let fp = sampled_packet::<A>(hook, skb);
+            if hook == Hook::NetDevQueue {
+                note_queue_decision(skb, fp);
+            }
             if fp == 0 {
                 return;
             }
@@ -98,6 +106,34 @@ pub fn device_hop<A: Access>(hook: Hook, role: Role, skb: u64, dev: u64) {
         },
         &info,
     );
+}
+
+/// Leaves `net_dev_queue`'s decision for `skb` (0: not sampled) on this CPU.
+#[inline(always)]
+fn note_queue_decision(skb: u64, fingerprint: u64) {
+    if let Some(slot) = QUEUE_DECISION.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; tracepoint programs are not preempted by each other here.
+        unsafe { *slot = XmitHandOver { skb, fingerprint } };
+    }
+}
+
+/// Whether `net_dev_queue` on this CPU decided just now that `skb` is not sampled. Taken once:
+/// the slot is cleared on a match. Only "not sampled" is trusted: a sampled packet is still
+/// checked against the tracking map (an address reused by a packet that bypassed the queue,
+/// e.g. a packet socket's qdisc bypass, costs at worst one missed hop, never a wrong one).
+#[inline(always)]
+fn queued_unsampled(skb: u64) -> bool {
+    let Some(slot) = QUEUE_DECISION.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: as in `note_queue_decision`.
+    unsafe {
+        if (*slot).skb != skb {
+            return false;
+        }
+        (*slot).skb = 0;
+        (*slot).fingerprint == 0
+    }
 }
 
 /// The hop's device (the tracepoint's own device argument where it has one, else `skb->dev`)

@@ -39,6 +39,13 @@ pub const XMIT_SLOTS_LEN: u32 = 8;
 pub static XMIT_HANDOVER: PerCpuArray<XmitHandOver> =
     PerCpuArray::with_max_entries(XMIT_SLOTS_LEN, 0);
 
+/// The sample decision `net_dev_queue` took for the skb it saw last on this CPU (fingerprint 0:
+/// not sampled), for the `net_dev_start_xmit` that follows it: at once, on the same CPU, on a
+/// device without a queue (veth, tap, bridge), and usually on one with a queue too. A match
+/// spares the unsampled packets the tracking-map lookup; a miss just does the lookup.
+#[map]
+pub static QUEUE_DECISION: PerCpuArray<XmitHandOver> = PerCpuArray::with_max_entries(1, 0);
+
 /// Hop events of sampled packets, for userspace to join and time. The loader sizes it.
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);

@@ -380,21 +380,36 @@ pub mod hop_flags {
 /// `DropKey::flags` bits.
 pub mod drop_flags {
     /// The skb had no device at the drop (`skb->dev` NULL, e.g. purged from a socket queue):
-    /// `ifindex` is the device it last arrived on (`skb->skb_iif`) and `netns` its socket's
-    /// namespace; the name is left for userspace to resolve.
+    /// `ifindex` is the device it last arrived on (`skb->skb_iif`), `origin` its socket's
+    /// namespace inode; the name is left for userspace to resolve.
     pub const ARRIVAL_DEVICE: u32 = 1 << 0;
 }
 
-/// Key of the in-kernel drop aggregation: one row per device, reason and location.
+/// Key of the in-kernel drop aggregation: one row per device, reason and location. The device
+/// is keyed by its address and ifindex, which the program reads with two loads; its name and
+/// namespace, three more reads, are taken only when a row is created (`DropStats`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct DropKey {
     pub location: u64,
+    /// The `struct net_device` address; for an `ARRIVAL_DEVICE` row, the namespace inode.
+    pub origin: u64,
     pub ifindex: u32,
-    pub netns: u32,
     pub reason: u32,
     /// `drop_flags` bits.
     pub flags: u32,
+    pub _pad: u32,
+}
+
+/// Value of the drop aggregation, per CPU: the count, and the device's name and namespace as
+/// the CPU that created its copy of the row read them (zero on the other CPUs until they drop
+/// there too).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropStats {
+    pub count: u64,
+    pub netns: u32,
+    pub _pad: u32,
     pub ifname: [u8; IFNAMSIZ],
 }
 
@@ -438,7 +453,8 @@ const _: () = assert!(core::mem::size_of::<DriverKey>() == 16);
 const _: () = assert!(core::mem::size_of::<DriverStats>() == 48);
 const _: () = assert!(core::mem::size_of::<Config>() == 72 + 20 + 16 + 16 * MAX_IFACE_FILTERS);
 const _: () = assert!(core::mem::size_of::<HopEvent>() == 80);
-const _: () = assert!(core::mem::size_of::<DropKey>() == 40);
+const _: () = assert!(core::mem::size_of::<DropKey>() == 32);
+const _: () = assert!(core::mem::size_of::<DropStats>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
@@ -447,6 +463,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::HopEvent {}
     unsafe impl aya::Pod for super::DropKey {}
+    unsafe impl aya::Pod for super::DropStats {}
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::DriverKey {}
     unsafe impl aya::Pod for super::DriverStats {}

@@ -4,7 +4,7 @@ use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns};
 use vtrace_common::{
     driver_kind, drop_flags, flags, hop_flags,
     packet::{self, Filter},
-    Counter, DropKey, Hook, HopEvent, IFNAMSIZ,
+    Counter, DropKey, DropStats, Hook, HopEvent, IFNAMSIZ,
 };
 
 use crate::{
@@ -305,21 +305,13 @@ pub fn reader_hop<A: Access>(hook: Hook, skb: u64) {
 pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
     bump(hook, Counter::Packets);
     let fl = conf!(flags);
-    let mut dev_info = None;
     if let Some(reason) = reason {
         if fl & flags::DROPS != 0 {
             let dev = kernel::skb_dev(skb);
             if kernel::is_device(dev) {
-                let info = kernel::dev_info(dev, kernel::dev_ifindex(dev));
-                count_drop(&info, reason, location, 0);
-                dev_info = Some(info);
+                count_device_drop(dev, reason, location);
             } else {
-                count_drop(
-                    &kernel::arrival_info(skb),
-                    reason,
-                    location,
-                    drop_flags::ARRIVAL_DEVICE,
-                );
+                count_arrival_drop(&kernel::arrival_info(skb), reason, location);
             }
         }
     }
@@ -331,9 +323,8 @@ pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
         let _ = TRACKED.remove(&skb);
         // A drop names the device it happened at (skb->dev), whatever else is enabled; a
         // normal free has no device of its own.
-        let info = match (dev_info, reason) {
-            (Some(info), _) => info,
-            (None, Some(_)) => {
+        let info = match reason {
+            Some(_) => {
                 let dev = kernel::skb_dev(skb);
                 if kernel::is_device(dev) {
                     kernel::dev_info(dev, kernel::dev_ifindex(dev))
@@ -341,7 +332,7 @@ pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
                     kernel::dev_info(0, 0)
                 }
             }
-            (None, None) => kernel::dev_info(0, 0),
+            None => kernel::dev_info(0, 0),
         };
         if info.ifindex != 0 && fl & flags::FILTER_IFACE != 0 && !iface_listed(&info.name) {
             return;
@@ -359,25 +350,58 @@ pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
     }
 }
 
+/// Counts a drop at device `dev`: two reads and a lookup; the name and namespace are read only
+/// when this CPU creates the row.
 #[inline(always)]
-fn count_drop(info: &kernel::DevInfo, reason: u32, location: u64, flags: u32) {
+fn count_device_drop(dev: u64, reason: u32, location: u64) {
+    let ifindex = kernel::dev_ifindex(dev);
     let key = DropKey {
         location,
-        ifindex: info.ifindex,
-        netns: info.netns,
+        origin: dev,
+        ifindex,
         reason,
-        flags,
-        ifname: info.name,
+        flags: 0,
+        _pad: 0,
     };
-    match DROPS.get_ptr_mut(&key) {
-        // SAFETY: this CPU's value; only the kfree_skb program writes this map, and it does
-        // not nest in itself.
-        Some(count) => unsafe { *count += 1 },
-        None => {
-            if DROPS.insert(&key, &1, 0).is_err() {
-                bump(Hook::KfreeSkb, Counter::DropInsertFailed);
-            }
-        }
+    // SAFETY: this CPU's value; only the kfree_skb program writes this map, and it does not
+    // nest in itself.
+    if let Some(stats) = DROPS.get_ptr_mut(&key) {
+        unsafe { (*stats).count += 1 };
+        return;
+    }
+    let info = kernel::dev_info(dev, ifindex);
+    insert_drop(&key, info.netns, info.name);
+}
+
+/// Counts a drop of an skb without a device, at the device it last arrived on.
+#[inline(always)]
+fn count_arrival_drop(info: &kernel::DevInfo, reason: u32, location: u64) {
+    let key = DropKey {
+        location,
+        origin: info.netns as u64,
+        ifindex: info.ifindex,
+        reason,
+        flags: drop_flags::ARRIVAL_DEVICE,
+        _pad: 0,
+    };
+    // SAFETY: as in `count_device_drop`.
+    if let Some(stats) = DROPS.get_ptr_mut(&key) {
+        unsafe { (*stats).count += 1 };
+        return;
+    }
+    insert_drop(&key, info.netns, info.name);
+}
+
+#[inline(always)]
+fn insert_drop(key: &DropKey, netns: u32, ifname: [u8; IFNAMSIZ]) {
+    let stats = DropStats {
+        count: 1,
+        netns,
+        _pad: 0,
+        ifname,
+    };
+    if DROPS.insert(key, &stats, 0).is_err() {
+        bump(Hook::KfreeSkb, Counter::DropInsertFailed);
     }
 }
 

@@ -5,7 +5,9 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use vtrace_common::{counter_slot, Counter, DriverKey, DriverStats, DropKey, Hook, COUNTER_SLOTS};
+use vtrace_common::{
+    counter_slot, Counter, DriverKey, DriverStats, DropKey, DropStats, Hook, COUNTER_SLOTS,
+};
 
 /// Per-hook rows of `Counter`s: every packet, lost events, failed inserts, ...
 #[map]
@@ -52,7 +54,7 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
 /// Drops counted in the kernel, by device, reason and location: no event per drop.
 #[map]
-pub static DROPS: PerCpuHashMap<DropKey, u64> = PerCpuHashMap::with_max_entries(4096, 0);
+pub static DROPS: PerCpuHashMap<DropKey, DropStats> = PerCpuHashMap::with_max_entries(4096, 0);
 
 /// Counts one `c` in `hook`'s row (see `vtrace_common::Counter`).
 #[inline(always)]

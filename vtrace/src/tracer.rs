@@ -13,7 +13,7 @@ use aya::{
     Btf, Ebpf, EbpfLoader,
 };
 use vtrace_common::{
-    counter_slot, Config, Counter, DropKey, Hook, HopEvent, COUNTER_SLOTS, HOOK_ROWS,
+    counter_slot, Config, Counter, DropKey, DropStats, Hook, HopEvent, COUNTER_SLOTS, HOOK_ROWS,
 };
 
 /// Entries of the tracking map: its per-CPU LRU lists split max_entries between the possible
@@ -446,19 +446,26 @@ impl Tracer {
             .ebpf
             .map("DROPS")
             .ok_or_else(|| anyhow!("DROPS map missing"))?;
-        let drops: PerCpuHashMap<&MapData, DropKey, u64> = PerCpuHashMap::try_from(map)?;
+        let drops: PerCpuHashMap<&MapData, DropKey, DropStats> = PerCpuHashMap::try_from(map)?;
         let mut out = BTreeMap::new();
         for item in drops.iter() {
             let (key, values) = item?;
+            // The CPUs that created their copy of the row read the name and namespace; the
+            // others' copies are zero.
+            let named = values
+                .iter()
+                .find(|v| v.ifname[0] != 0 || v.netns != 0)
+                .copied()
+                .unwrap_or_default();
             let row = DropRow {
-                ifname: crate::ifname(&key.ifname),
+                ifname: crate::ifname(&named.ifname),
                 ifindex: key.ifindex,
-                netns: key.netns,
+                netns: named.netns,
                 reason: key.reason,
                 location: key.location,
                 arrival: key.flags & vtrace_common::drop_flags::ARRIVAL_DEVICE != 0,
             };
-            *out.entry(row).or_insert(0) += values.iter().sum::<u64>();
+            *out.entry(row).or_insert(0) += values.iter().map(|v| v.count).sum::<u64>();
         }
         Ok(out)
     }

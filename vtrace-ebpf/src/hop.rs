@@ -48,7 +48,7 @@ pub fn device_hop<A: Access>(hook: Hook, role: Role, skb: u64, dev: u64) {
     }
     let (fingerprint, first, (dev, ifindex)) = match role {
         Role::Transit => {
-            if hook == Hook::NetDevStartXmit && queued_unsampled(skb) {
+            if hook == Hook::NetDevStartXmit && queued_unsampled(skb, false) {
                 return;
             }
             let Some(fp) = tracked::<A>(skb) else { return };
@@ -117,22 +117,26 @@ fn note_queue_decision(skb: u64, fingerprint: u64) {
     }
 }
 
-/// Whether `net_dev_queue` on this CPU decided just now that `skb` is not sampled. Taken once:
-/// the slot is cleared on a match. Only "not sampled" is trusted: a sampled packet is still
-/// checked against the tracking map (an address reused by a packet that bypassed the queue,
-/// e.g. a packet socket's qdisc bypass, costs at worst one missed hop, never a wrong one).
+/// Whether `net_dev_queue` on this CPU decided just now that `skb` is not sampled. Only "not
+/// sampled" is trusted: a sampled packet is still checked against the tracking map. The slot
+/// stays for the driver's free of the same skb (a full tap ring drops inside
+/// `ndo_start_xmit`), which clears it (`end`). An address reused by a packet that reached the
+/// driver without `net_dev_queue` here (a packet socket's qdisc bypass) costs at worst one
+/// missed hop, never a wrong one.
 #[inline(always)]
-fn queued_unsampled(skb: u64) -> bool {
+fn queued_unsampled(skb: u64, end: bool) -> bool {
     let Some(slot) = QUEUE_DECISION.get_ptr_mut(0) else {
         return false;
     };
     // SAFETY: as in `note_queue_decision`.
     unsafe {
-        if (*slot).skb != skb {
+        if (*slot).skb != skb || (*slot).fingerprint != 0 {
             return false;
         }
-        (*slot).skb = 0;
-        (*slot).fingerprint == 0
+        if end {
+            (*slot).skb = 0;
+        }
+        true
     }
 }
 
@@ -315,7 +319,7 @@ pub fn free_hop(hook: Hook, skb: u64, location: u64, reason: Option<u32>) {
             }
         }
     }
-    if fl & flags::TRACK == 0 {
+    if fl & flags::TRACK == 0 || queued_unsampled(skb, true) {
         return;
     }
     if let Some(fp) = tracked::<Untyped>(skb) {

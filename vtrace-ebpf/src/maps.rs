@@ -43,8 +43,9 @@ pub static XMIT_HANDOVER: PerCpuArray<XmitHandOver> =
 
 /// The sample decision `net_dev_queue` took for the skb it saw last on this CPU (fingerprint 0:
 /// not sampled), for the `net_dev_start_xmit` that follows it: at once, on the same CPU, on a
-/// device without a queue (veth, tap, bridge), and usually on one with a queue too. A match
-/// spares the unsampled packets the tracking-map lookup; a miss just does the lookup.
+/// device without a queue (veth, tap, bridge), and usually on one with a queue too; and for a
+/// free of the same skb in the driver. A match spares the unsampled packets the tracking-map
+/// lookup; a miss just does the lookup.
 #[map]
 pub static QUEUE_DECISION: PerCpuArray<XmitHandOver> = PerCpuArray::with_max_entries(1, 0);
 

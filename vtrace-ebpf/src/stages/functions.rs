@@ -8,9 +8,10 @@
 //! hops: one lookup of the skb address, and only tracked packets are recorded.
 
 use aya_ebpf::{
-    helpers::bpf_probe_read_kernel,
+    helpers::{bpf_get_func_arg, bpf_probe_read_kernel},
     macros::{fentry, kprobe},
     programs::{FEntryContext, ProbeContext},
+    EbpfContext,
 };
 use vtrace_common::{FunctionArgs, Hook};
 
@@ -51,7 +52,18 @@ macro_rules! function_hook {
                 Some(i) => ctx.arg(i),
                 None => 0,
             };
-            hop($hook, ctx.arg(A.skb), dev);
+            let skb: u64 = if A.skb_indirect {
+                // The verifier refuses a context read of a `struct sk_buff **` argument
+                // (btf_ctx_access: a pointer to a pointer is "not a struct"); the helper
+                // (5.17+) hands over the raw argument instead.
+                let mut v = 0u64;
+                // SAFETY: the helper writes one u64 to `v`, a stack slot.
+                unsafe { bpf_get_func_arg(ctx.as_ptr(), A.skb as u32, &mut v) };
+                v
+            } else {
+                ctx.arg(A.skb)
+            };
+            hop($hook, skb, dev);
             0
         }
 

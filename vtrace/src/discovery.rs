@@ -140,7 +140,9 @@ fn tier_status(tracer: &Tracer, hook: Option<Hook>) -> String {
     let Some(hook) = hook else {
         return "no vtrace hook on this function".to_string();
     };
-    if let Some((_, how)) = tracer.attached.iter().find(|(h, _)| *h == hook) {
+    // The final report is written after `detach`: what it took off was attached for the run.
+    let during_run = tracer.attached.iter().chain(&tracer.detached);
+    if let Some((_, how)) = during_run.into_iter().find(|(h, _)| *h == hook) {
         return format!("attached ({})", how.name());
     }
     match tracer.refused.iter().find(|(h, _)| *h == hook) {

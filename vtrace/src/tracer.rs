@@ -105,6 +105,8 @@ pub struct Tracer {
     /// dropped with the Tracer, or by `detach`, which detaches and frees them.
     loaded_raw: Vec<(Hook, crate::kernel::prog_load::Attached)>,
     pub attached: Vec<(Hook, Attachment)>,
+    /// What `detach` took off: the run's hooks, for the reports written after it.
+    pub detached: Vec<(Hook, Attachment)>,
     /// Function-tier hooks that could not be attached, and why.
     pub refused: Vec<(Hook, String)>,
     /// Hop events userspace has read (kept by the session).
@@ -183,6 +185,7 @@ impl Tracer {
             ebpf,
             loaded_raw: Vec::new(),
             attached: Vec::new(),
+            detached: Vec::new(),
             refused: Vec::new(),
             received: 0,
             final_costs: None,
@@ -418,6 +421,7 @@ impl Tracer {
         self.loaded_raw.clear();
         for (hook, how) in std::mem::take(&mut self.attached) {
             self.unload(hook, how);
+            self.detached.push((hook, how));
         }
     }
 

@@ -87,9 +87,9 @@ const WANTED_MODULES: &[&str] = &["virtio_pci", "virtio_net"];
 /// Bumped when the image layout changes in a way [`INIT_TEMPLATE`] does not show.
 const IMAGE_FORMAT: u32 = 1;
 /// The Debian metapackage whose dependency is the versioned kernel package.
-const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
+pub(crate) const KERNEL_METAPACKAGE: &str = "linux-image-amd64";
 /// The Debian package of the statically linked busybox.
-const BUSYBOX_PACKAGE: &str = "busybox-static";
+pub(crate) const BUSYBOX_PACKAGE: &str = "busybox-static";
 const QEMU: &str = "qemu-system-x86_64";
 const QEMU_PACKAGE: &str = "qemu-system-x86";
 /// Console lines kept in memory (for error messages and [`VmLab::console_tail`]).
@@ -232,7 +232,7 @@ impl GuestImage {
 }
 
 /// An exclusive `flock` on `dir/.lock`, released when the file is closed.
-fn lock_dir(dir: &Path) -> Result<File> {
+pub(crate) fn lock_dir(dir: &Path) -> Result<File> {
     let p = dir.join(".lock");
     let f = OpenOptions::new()
         .create(true)
@@ -409,12 +409,12 @@ fn build_image(cache_dir: &Path, image_dir: &Path) -> Result<GuestImage> {
     result
 }
 
-fn read(p: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read(p: &Path) -> Result<Vec<u8>> {
     fs::read(p).with_context(|| format!("cannot read {}", p.display()))
 }
 
 /// A module file's contents, decompressed if the package ships it compressed.
-fn read_module(p: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_module(p: &Path) -> Result<Vec<u8>> {
     let name = p.to_string_lossy();
     let tool = if name.ends_with(".ko.xz") {
         "xz"
@@ -433,7 +433,7 @@ fn read_module(p: &Path) -> Result<Vec<u8>> {
 }
 
 /// Compresses `data` into `dest` with `gzip -n` (no name or time stamp in the header).
-fn gzip_to(data: &[u8], dest: &Path) -> Result<()> {
+pub(crate) fn gzip_to(data: &[u8], dest: &Path) -> Result<()> {
     let out = File::create(dest).with_context(|| format!("cannot create {}", dest.display()))?;
     let mut child = Command::new("gzip")
         .args(["-n", "-6", "-c"])
@@ -504,7 +504,7 @@ fn find_deb(dir: &Path, package: &str) -> Option<PathBuf> {
 
 /// `apt-get download PACKAGE` into `dir` (running `apt-get update` and retrying once if
 /// that fails); an existing `.deb` of the package is reused unless `fresh`.
-fn download(dir: &Path, package: &str, fresh: bool) -> Result<PathBuf> {
+pub(crate) fn download(dir: &Path, package: &str, fresh: bool) -> Result<PathBuf> {
     if !fresh {
         if let Some(p) = find_deb(dir, package) {
             return Ok(p);
@@ -536,7 +536,7 @@ fn download(dir: &Path, package: &str, fresh: bool) -> Result<PathBuf> {
 }
 
 /// The package name in a `Depends:` field naming `linux-image-<release>` (the first one).
-fn kernel_dependency(depends: &str) -> Option<String> {
+pub(crate) fn kernel_dependency(depends: &str) -> Option<String> {
     depends
         .split([',', '|'])
         .map(|d| d.split_whitespace().next().unwrap_or(""))
@@ -544,14 +544,14 @@ fn kernel_dependency(depends: &str) -> Option<String> {
         .map(String::from)
 }
 
-fn unpack(deb: &Path, dest: &Path) -> Result<()> {
+pub(crate) fn unpack(deb: &Path, dest: &Path) -> Result<()> {
     fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
     run(Command::new("dpkg-deb").arg("-x").arg(deb).arg(dest))?;
     Ok(())
 }
 
 /// The one directory under `lib/modules` of an unpacked kernel package.
-fn kernel_release(root: &Path) -> Result<String> {
+pub(crate) fn kernel_release(root: &Path) -> Result<String> {
     let dir = root.join("lib/modules");
     let mut releases: Vec<String> = fs::read_dir(&dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
@@ -592,7 +592,7 @@ fn index_modules(dir: &Path, index: &mut BTreeMap<String, PathBuf>) -> Result<()
 
 /// `wanted` and their dependencies, each after everything it depends on, with their
 /// files. Built-in modules (listed in `modules.builtin`) are left out.
-fn resolve_modules(mod_root: &Path, wanted: &[&str]) -> Result<Vec<(String, PathBuf)>> {
+pub(crate) fn resolve_modules(mod_root: &Path, wanted: &[&str]) -> Result<Vec<(String, PathBuf)>> {
     let mut index = BTreeMap::new();
     index_modules(&mod_root.join("kernel"), &mut index)?;
     let builtin: HashSet<String> = fs::read_to_string(mod_root.join("modules.builtin"))
@@ -719,7 +719,7 @@ fn modinfo_depends(elf: &[u8]) -> Result<Vec<String>> {
 
 /// Writes a cpio archive in the "newc" format the kernel unpacks as initramfs.
 #[derive(Default)]
-struct CpioWriter {
+pub(crate) struct CpioWriter {
     out: Vec<u8>,
     ino: u32,
 }
@@ -760,19 +760,19 @@ impl CpioWriter {
         }
     }
 
-    fn dir(&mut self, name: &str) {
+    pub(crate) fn dir(&mut self, name: &str) {
         self.entry(name, 0o040755, (0, 0), &[]);
     }
 
-    fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
+    pub(crate) fn file(&mut self, name: &str, perm: u32, data: &[u8]) {
         self.entry(name, 0o100000 | perm, (0, 0), data);
     }
 
-    fn char_dev(&mut self, name: &str, perm: u32, major: u32, minor: u32) {
+    pub(crate) fn char_dev(&mut self, name: &str, perm: u32, major: u32, minor: u32) {
         self.entry(name, 0o020000 | perm, (major, minor), &[]);
     }
 
-    fn finish(mut self) -> Vec<u8> {
+    pub(crate) fn finish(mut self) -> Vec<u8> {
         self.ino = 0;
         self.entry("TRAILER!!!", 0, (0, 0), &[]);
         self.out
@@ -789,7 +789,7 @@ fn find_program(prog: &str) -> Option<PathBuf> {
 }
 
 /// Installs `qemu-system-x86` if `qemu-system-x86_64` is missing (root only).
-fn ensure_qemu() -> Result<PathBuf> {
+pub(crate) fn ensure_qemu() -> Result<PathBuf> {
     if let Some(p) = find_program(QEMU) {
         return Ok(p);
     }

@@ -13,6 +13,7 @@
 pub mod cmd;
 pub mod flood;
 pub mod guest;
+pub mod guest_run;
 pub mod names;
 pub mod netns;
 pub mod ping;

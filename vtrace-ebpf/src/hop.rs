@@ -51,8 +51,13 @@ pub fn device_hop<A: Access>(hook: Hook, role: Role, skb: u64, dev: u64) {
             if hook == Hook::NetDevStartXmit && queued_unsampled(skb, false) {
                 return;
             }
-            let Some(fp) = tracked::<A>(skb) else { return };
-            let Some(d) = device::<A>(skb, dev) else {
+            // Untyped from here: once the skb pointer has been a map key, older verifiers
+            // (6.1) take the reloaded copy for a plain number ("invalid mem access
+            // 'scalar'") and refuse the typed loads. Only tracked packets read on, 1 in N.
+            let Some(fp) = tracked::<Untyped>(skb) else {
+                return;
+            };
+            let Some(d) = device::<Untyped>(skb, dev) else {
                 return;
             };
             (fp, false, d)
@@ -282,12 +287,13 @@ fn tracked<A: Access>(skb: u64) -> Option<u64> {
 /// `__consume_stateless_skb`, TCP's `__kfree_skb`): forgetting the address here keeps the
 /// tracking map free of entries whose free we would never see.
 #[inline(always)]
-pub fn reader_hop<A: Access>(hook: Hook, skb: u64) {
+pub fn reader_hop(hook: Hook, skb: u64) {
     bump(hook, Counter::Packets);
     if conf!(flags) & flags::TRACK == 0 {
         return;
     }
-    if let Some(fp) = tracked::<A>(skb) {
+    // Untyped, as at transit hooks: a map lookup keyed by the pointer comes first.
+    if let Some(fp) = tracked::<Untyped>(skb) {
         let _ = TRACKED.remove(&skb);
         let hop = Hop {
             hook,

@@ -8,17 +8,16 @@ use aya_ebpf::{
 use vtrace_common::Hook;
 
 use crate::hop::reader_hop;
-use crate::kernel::{Typed, Untyped};
 
 // TP_PROTO(const struct sk_buff *skb, int len); no device: only tracked packets are recorded.
 #[btf_tracepoint(function = "skb_copy_datagram_iovec")]
 pub fn vt_sock_skb_copy_datagram_iovec(ctx: BtfTracePointContext) -> i32 {
-    reader_hop::<Typed>(Hook::SkbCopyDatagramIovec, ctx.arg(0));
+    reader_hop(Hook::SkbCopyDatagramIovec, ctx.arg(0));
     0
 }
 
 #[raw_tracepoint(tracepoint = "skb_copy_datagram_iovec")]
 pub fn vt_sock_skb_copy_datagram_iovec_raw(ctx: RawTracePointContext) -> i32 {
-    reader_hop::<Untyped>(Hook::SkbCopyDatagramIovec, ctx.arg(0));
+    reader_hop(Hook::SkbCopyDatagramIovec, ctx.arg(0));
     0
 }

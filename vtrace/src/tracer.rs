@@ -340,6 +340,13 @@ impl Tracer {
                 hook.group()
             )
         })?;
+        if !raw_tracepoints_only() {
+            // Works, a little dearer (every field read is a helper call): say why, once.
+            eprintln!(
+                "vtrace: {}:{tp} runs as a raw tracepoint; tp_btf was refused: {btf_err:#}",
+                hook.group()
+            );
+        }
         Ok(Attachment::RawTracepoint)
     }
 
@@ -349,8 +356,21 @@ impl Tracer {
             .program_mut(name)
             .ok_or_else(|| anyhow!("program {name} not in the object"))?
             .try_into()?;
-        prog.load(tp, btf)
-            .map_err(|e| anyhow!("{e}{}", hint(&format!("{e:?}"))))?;
+        prog.load(tp, btf).map_err(|e| {
+            // The verifier's reason, on one line, rather than its whole log.
+            let hint = hint(&format!("{e:?}"));
+            match &e {
+                aya::programs::ProgramError::LoadError {
+                    io_error,
+                    verifier_log,
+                } => {
+                    let log = format!("{verifier_log:?}");
+                    let reason = crate::kernel::prog_load::verifier_reason(&log);
+                    anyhow!("BPF_PROG_LOAD: {io_error}: verifier: {reason}{hint}")
+                }
+                _ => anyhow!("{e}{hint}"),
+            }
+        })?;
         prog.attach()?;
         Ok(())
     }

@@ -4,7 +4,8 @@
 //! bridge is a module there, with its BTF under /sys/kernel/btf/bridge. The test boots that
 //! kernel in a QEMU guest (TCG; the lab's `guest_run`, Debian packages cached with the VM lab's
 //! in target/vtrace-guest), loads bridge and dummy, runs this build's `vtrace latency` inside
-//! it over pings through a bridge, and reads the report from the console.
+//! it over pings through a bridge, and reads the report from the console. It also checks that
+//! every tracepoint program passes that kernel's (older) verifier in its BTF-typed form.
 //!
 //! Needs root (QEMU is installed if missing) and a Debian mirror the first time. A machine that
 //! cannot run the guest fails this test with the reason: it is not skipped.
@@ -86,6 +87,17 @@ fn module_functions_attach_with_fentry_on_a_debian_kernel() {
             "{f} not attached by fentry: {tier}"
         );
     }
+    // Every tracepoint program passes this older verifier in its BTF-typed form: no hook fell
+    // back to its raw tracepoint (vtrace says so on a line of its own when one does).
+    let attached = err
+        .lines()
+        .find(|l| l.starts_with("vtrace: attached"))
+        .unwrap_or_else(|| panic!("no attached line:\n{err}"));
+    assert!(
+        !attached.contains("(raw_tp)") && !err.contains("runs as a raw tracepoint"),
+        "a tracepoint fell back to raw on {}:\n{err}",
+        out.kernel_release
+    );
     // The pings cross the bridge device: br_dev_xmit hops join the tracepoint hops' paths.
     let report: Value = serde_json::from_str(between(&console, "VT_BEGIN", "VT_END").trim())
         .unwrap_or_else(|e| panic!("vtrace's report: {e}\n{console}"));

@@ -350,22 +350,7 @@ fn build_image(cache_dir: &Path, image_dir: &Path) -> Result<GuestImage> {
                 .join(" ")
         ));
 
-        let mut cpio = CpioWriter::default();
-        for dir in [
-            "bin",
-            "dev",
-            "proc",
-            "sys",
-            "tmp",
-            "run",
-            "lib",
-            "lib/modules",
-        ] {
-            cpio.dir(dir);
-        }
-        cpio.char_dev("dev/console", 0o600, 5, 1);
-        cpio.char_dev("dev/null", 0o666, 1, 3);
-        cpio.file("bin/busybox", 0o755, &read(&busybox)?);
+        let mut cpio = CpioWriter::with_busybox(&read(&busybox)?);
         let names: Vec<String> = modules.iter().map(|(n, _)| n.clone()).collect();
         for (name, path) in &modules {
             cpio.file(
@@ -724,7 +709,31 @@ pub(crate) struct CpioWriter {
     ino: u32,
 }
 
+/// The directories every initramfs of the lab's guests starts with.
+pub(crate) const INITRAMFS_DIRS: [&str; 8] = [
+    "bin",
+    "dev",
+    "proc",
+    "sys",
+    "tmp",
+    "run",
+    "lib",
+    "lib/modules",
+];
+
 impl CpioWriter {
+    /// An initramfs skeleton: `INITRAMFS_DIRS`, the console and null devices, and busybox.
+    pub(crate) fn with_busybox(busybox: &[u8]) -> CpioWriter {
+        let mut cpio = CpioWriter::default();
+        for dir in INITRAMFS_DIRS {
+            cpio.dir(dir);
+        }
+        cpio.char_dev("dev/console", 0o600, 5, 1);
+        cpio.char_dev("dev/null", 0o666, 1, 3);
+        cpio.file("bin/busybox", 0o755, busybox);
+        cpio
+    }
+
     fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {
         self.ino += 1;
         let nlink = if mode & 0o170000 == 0o040000 { 2 } else { 1 };

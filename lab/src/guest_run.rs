@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use crate::cmd::run;
 use crate::guest::{
     download, ensure_qemu, gzip_to, kernel_dependency, kernel_release, lock_dir, read, read_module,
-    resolve_modules, unpack, CpioWriter, BUSYBOX_PACKAGE, KERNEL_METAPACKAGE,
+    resolve_modules, unpack, CpioWriter, BUSYBOX_PACKAGE, INITRAMFS_DIRS, KERNEL_METAPACKAGE,
 };
 
 /// The line `/init` prints after the script, with its exit status.
@@ -94,22 +94,7 @@ pub fn run_in_guest(cache_dir: &Path, what: &GuestRun) -> Result<GuestOutput> {
             let release = kernel_release(&kroot)?;
             let vmlinuz = kroot.join("boot").join(format!("vmlinuz-{release}"));
             let modules = resolve_modules(&kroot.join("lib/modules").join(&release), what.modules)?;
-            let mut cpio = CpioWriter::default();
-            for d in [
-                "bin",
-                "dev",
-                "proc",
-                "sys",
-                "tmp",
-                "run",
-                "lib",
-                "lib/modules",
-            ] {
-                cpio.dir(d);
-            }
-            cpio.char_dev("dev/console", 0o600, 5, 1);
-            cpio.char_dev("dev/null", 0o666, 1, 3);
-            cpio.file("bin/busybox", 0o755, &read(&broot.join("bin/busybox"))?);
+            let mut cpio = CpioWriter::with_busybox(&read(&broot.join("bin/busybox"))?);
             // Programs in /bin, their libraries at the paths the loader looks for them.
             let mut libs = std::collections::BTreeSet::new();
             for prog in what.programs {
@@ -121,16 +106,6 @@ pub fn run_in_guest(cache_dir: &Path, what: &GuestRun) -> Result<GuestOutput> {
                 cpio.file(&format!("bin/{name}"), 0o755, &read(prog)?);
                 libs.extend(shared_libraries(prog)?);
             }
-            let made = [
-                "bin",
-                "dev",
-                "proc",
-                "sys",
-                "tmp",
-                "run",
-                "lib",
-                "lib/modules",
-            ];
             let dirs: std::collections::BTreeSet<PathBuf> = libs
                 .iter()
                 .flat_map(|l| {
@@ -140,7 +115,9 @@ pub fn run_in_guest(cache_dir: &Path, what: &GuestRun) -> Result<GuestOutput> {
                         .collect::<Vec<_>>()
                 })
                 .filter_map(|d| d.strip_prefix("/").ok().map(Path::to_path_buf))
-                .filter(|d| !d.as_os_str().is_empty() && !made.contains(&&*d.to_string_lossy()))
+                .filter(|d| {
+                    !d.as_os_str().is_empty() && !INITRAMFS_DIRS.contains(&&*d.to_string_lossy())
+                })
                 .collect();
             // Sorted, a directory comes before everything below it.
             for d in &dirs {

@@ -351,14 +351,7 @@ fn build_image(cache_dir: &Path, image_dir: &Path) -> Result<GuestImage> {
         ));
 
         let mut cpio = CpioWriter::with_busybox(&read(&busybox)?);
-        let names: Vec<String> = modules.iter().map(|(n, _)| n.clone()).collect();
-        for (name, path) in &modules {
-            cpio.file(
-                &format!("lib/modules/{name}.ko"),
-                0o644,
-                &read_module(path)?,
-            );
-        }
+        let names = cpio.modules(&modules)?;
         let init = INIT_TEMPLATE.replace("@MODULES@", &names.join(" "));
         cpio.file("init", 0o755, init.as_bytes());
         let archive = cpio.finish();
@@ -399,7 +392,7 @@ pub(crate) fn read(p: &Path) -> Result<Vec<u8>> {
 }
 
 /// A module file's contents, decompressed if the package ships it compressed.
-pub(crate) fn read_module(p: &Path) -> Result<Vec<u8>> {
+fn read_module(p: &Path) -> Result<Vec<u8>> {
     let name = p.to_string_lossy();
     let tool = if name.ends_with(".ko.xz") {
         "xz"
@@ -732,6 +725,18 @@ impl CpioWriter {
         cpio.char_dev("dev/null", 0o666, 1, 3);
         cpio.file("bin/busybox", 0o755, busybox);
         cpio
+    }
+
+    /// The modules (name, file) as `lib/modules/<name>.ko`, decompressed; their names in order.
+    pub(crate) fn modules(&mut self, modules: &[(String, PathBuf)]) -> Result<Vec<String>> {
+        for (name, path) in modules {
+            self.file(
+                &format!("lib/modules/{name}.ko"),
+                0o644,
+                &read_module(path)?,
+            );
+        }
+        Ok(modules.iter().map(|(n, _)| n.clone()).collect())
     }
 
     fn entry(&mut self, name: &str, mode: u32, rdev: (u32, u32), data: &[u8]) {

@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::cmd::run;
 use crate::guest::{
-    download, ensure_qemu, gzip_to, kernel_dependency, kernel_release, lock_dir, read, read_module,
+    download, ensure_qemu, gzip_to, kernel_dependency, kernel_release, lock_dir, read,
     resolve_modules, unpack, CpioWriter, BUSYBOX_PACKAGE, INITRAMFS_DIRS, KERNEL_METAPACKAGE,
 };
 
@@ -127,14 +127,7 @@ pub fn run_in_guest(cache_dir: &Path, what: &GuestRun) -> Result<GuestOutput> {
                 let rel = lib.strip_prefix("/").unwrap_or(lib);
                 cpio.file(&rel.to_string_lossy(), 0o755, &read(lib)?);
             }
-            let names: Vec<String> = modules.iter().map(|(n, _)| n.clone()).collect();
-            for (name, path) in &modules {
-                cpio.file(
-                    &format!("lib/modules/{name}.ko"),
-                    0o644,
-                    &read_module(path)?,
-                );
-            }
+            let names = cpio.modules(&modules)?;
             cpio.file(
                 "init",
                 0o755,

@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod packet;
+pub mod work;
 
 /// Packets in flight the tracking map holds per possible CPU (see vtrace-ebpf's `TRACKED`).
 pub const TRACKED_PER_CPU: u32 = 16384;
@@ -467,6 +468,8 @@ mod pod {
     unsafe impl aya::Pod for super::KernelOffsets {}
     unsafe impl aya::Pod for super::DriverKey {}
     unsafe impl aya::Pod for super::DriverStats {}
+    unsafe impl aya::Pod for super::work::WorkStats {}
+    unsafe impl aya::Pod for super::work::WorkEntry {}
 }
 
 /// Bytes of `name` as a NUL-padded kernel device name (truncated to IFNAMSIZ-1).

@@ -7,4 +7,5 @@ mod napi;
 mod probe;
 mod rx;
 mod socket;
+mod work;
 mod xmit;

@@ -14,7 +14,7 @@ use vtrace_common::{Config, Hook};
 use crate::{kernel::btf::Btf as BtfInfo, tracer};
 
 /// Where on the host data path a hook sits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Stage {
     /// A NIC or virtual device hands a received packet to the stack.
@@ -220,6 +220,42 @@ pub const CATALOG: &[HookPoint] = &[
         "the vhost worker (a vhost_task since 6.4) runs its queued work",
     ),
     func(
+        "vhost_vq_work_queue",
+        Stage::TapVhost,
+        "vhost",
+        "work queued for a virtqueue's worker (6.5+): the wake-up starts",
+    ),
+    func(
+        "vhost_work_queue",
+        Stage::TapVhost,
+        "vhost",
+        "work queued for the device's worker (before 6.5): the wake-up starts",
+    ),
+    func(
+        "handle_tx_kick",
+        Stage::TapVhost,
+        "vhost_net",
+        "the worker runs a guest's tx kick: the wake-up ends",
+    ),
+    func(
+        "handle_rx_kick",
+        Stage::TapVhost,
+        "vhost_net",
+        "the worker runs a guest's rx kick (buffers posted): the wake-up ends",
+    ),
+    func(
+        "handle_tx_net",
+        Stage::TapVhost,
+        "vhost_net",
+        "the worker runs tx work after the tap's socket freed space",
+    ),
+    func(
+        "handle_rx_net",
+        Stage::TapVhost,
+        "vhost_net",
+        "the worker runs rx work after the tap queued frames",
+    ),
+    func(
         "xenvif_start_xmit",
         Stage::Netback,
         "xen_netback",
@@ -406,8 +442,15 @@ fn probe_tracepoint(ebpf: &mut Ebpf, btf: &Btf, hp: &HookPoint) -> HookStatus {
 /// For a function vtrace has no program on: what an operator gets instead, said beside an
 /// `available` status (which only means the kernel would let a program attach there).
 fn without_program(name: &str) -> Option<&'static str> {
-    if Hook::FUNCTIONS.iter().any(|h| h.name() == name) {
+    use vtrace_common::work::{WorkFn, WAKEUP_QUEUE_FUNCTIONS, WAKEUP_RUN_FUNCTIONS};
+    if Hook::FUNCTIONS.iter().any(|h| h.name() == name)
+        || WorkFn::ALL.iter().any(|w| w.name() == name)
+    {
         None
+    } else if WAKEUP_QUEUE_FUNCTIONS.contains(&name) || WAKEUP_RUN_FUNCTIONS.contains(&name) {
+        Some("attachable; an end of the vhost_wakeup interval (work queued -> its handler runs)")
+    } else if name == "vhost_worker" {
+        Some("attachable; the pre-6.4 worker loop never returns: vtrace times vhost_wakeup instead")
     } else if name.ends_with("_poll") {
         Some("attachable; vtrace has no program here: napi:napi_poll counts this poll's rounds per device")
     } else {
@@ -688,9 +731,14 @@ mod tests {
     #[test]
     fn functions_without_a_program_say_what_covers_them() {
         assert_eq!(without_program("veth_xmit"), None, "a hop program");
-        assert!(without_program("virtnet_poll")
+        assert_eq!(without_program("virtnet_poll"), None, "a work function");
+        assert_eq!(without_program("handle_tx"), None, "a work function");
+        assert!(without_program("handle_tx_kick")
             .unwrap()
-            .contains("napi:napi_poll"));
-        assert!(without_program("handle_tx").unwrap().contains("no program"));
+            .contains("vhost_wakeup"));
+        assert!(without_program("vhost_worker")
+            .unwrap()
+            .contains("never returns"));
+        assert!(without_program("tun_get_user").is_none());
     }
 }

@@ -18,6 +18,7 @@ mod record;
 mod serve;
 mod session;
 mod tracer;
+mod work;
 
 use std::process::ExitCode;
 

@@ -113,6 +113,8 @@ pub struct Tracer {
     pub received: u64,
     /// Program costs read just before `detach`, when the programs are gone.
     final_costs: Option<Vec<crate::cost::ProgramCost>>,
+    /// The work functions timed with the function tier (see `work`).
+    pub work: crate::work::WorkTier,
 }
 
 /// Options for [`Tracer::start`].
@@ -189,6 +191,7 @@ impl Tracer {
             refused: Vec::new(),
             received: 0,
             final_costs: None,
+            work: Default::default(),
         };
         for hook in &opts.hooks {
             let how = tracer.attach(*hook, &btf)?;
@@ -224,6 +227,16 @@ impl Tracer {
                 Err(why) => self.refused.push((hook, why)),
             }
         }
+        self.work = crate::work::WorkTier::attach_all(
+            &mut self.ebpf,
+            &mut linker,
+            &crate::work::AttachContext {
+                btf,
+                vmlinux: info,
+                kprobes: &kprobes,
+                kallsyms: kallsyms.as_ref(),
+            },
+        );
     }
 
     fn attach_function(
@@ -439,10 +452,22 @@ impl Tracer {
         self.final_costs = self.program_costs().ok();
         // Closing the link and program fds detaches and frees what vtrace loaded itself.
         self.loaded_raw.clear();
+        self.work.detach(&mut self.ebpf);
         for (hook, how) in std::mem::take(&mut self.attached) {
             self.unload(hook, how);
             self.detached.push((hook, how));
         }
+    }
+
+    /// The work functions' report rows so far (see `work`).
+    pub fn work_rows(&self) -> Result<Vec<crate::work::WorkRow>> {
+        if self.work.attached.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(crate::work::rows(
+            &self.work.attached,
+            &crate::work::read(&self.ebpf)?,
+        ))
     }
 
     /// One of the object's maps, to read (see `discovery`).

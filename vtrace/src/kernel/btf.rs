@@ -695,6 +695,24 @@ impl Btf {
             .collect()
     }
 
+    /// The return type of function `name`, rendered as [`Btf::func_param_types`] renders
+    /// parameters (`void`, `int`, `bool`, `ssize_t`, ...). vtrace's exit programs read the
+    /// return register as the type they were written for: checked against this first.
+    pub fn func_return_type(&self, name: &str) -> Result<String, BtfError> {
+        let func = self
+            .func_id(name)
+            .and_then(|id| self.ty(id))
+            .ok_or_else(|| BtfError::StructNotFound {
+                struct_name: name.to_string(),
+                member: None,
+            })?;
+        let proto = self
+            .ty(func.raw.size_or_type)
+            .filter(|t| t.kind() == kind::FUNC_PROTO)
+            .ok_or_else(|| malformed(format!("function {name} has no prototype")))?;
+        Ok(self.short_type_name(proto.raw.size_or_type, 0))
+    }
+
     fn short_type_name(&self, id: u32, depth: u32) -> String {
         if id == 0 {
             return "void".into();

@@ -288,17 +288,44 @@ pub fn fentry_in_module(
     module_btf: &super::btf::Btf,
     func: &str,
 ) -> Result<Attached, Error> {
-    let id = module_btf
-        .func_id(func)
-        .ok_or_else(|| Error::msg(format!("{func} is not in module {module}'s BTF")))?;
-    let obj = super::btf_object::find(module).map_err(Error::msg)?;
+    tracing_at(
+        linker,
+        program,
+        bpf_attach_type::BPF_TRACE_FENTRY,
+        func,
+        module_btf,
+        Some(module),
+    )
+}
+
+/// A tracing program (`attach_type` BPF_TRACE_FENTRY or BPF_TRACE_FEXIT) on function `func`,
+/// whose BTF is `btf`: a module's split BTF with `module` its name, or vmlinux's with `None`.
+/// Loaded and attached; every error is one line; on any error nothing stays loaded.
+pub fn tracing_at(
+    linker: &Linker,
+    program: &str,
+    attach_type: bpf_attach_type,
+    func: &str,
+    btf: &super::btf::Btf,
+    module: Option<&str>,
+) -> Result<Attached, Error> {
+    let id = btf.func_id(func).ok_or_else(|| {
+        Error::msg(match module {
+            Some(m) => format!("{func} is not in module {m}'s BTF"),
+            None => format!("{func} is not in the kernel's BTF"),
+        })
+    })?;
+    let obj = match module {
+        Some(m) => Some(super::btf_object::find(m).map_err(Error::msg)?),
+        None => None,
+    };
     let prog = linker.load(
         program,
         &Target {
             prog_type: bpf_prog_type::BPF_PROG_TYPE_TRACING,
-            attach_type: bpf_attach_type::BPF_TRACE_FENTRY,
+            attach_type,
             attach_btf_id: id,
-            attach_btf_obj: Some(obj.as_fd()),
+            attach_btf_obj: obj.as_ref().map(|o| o.as_fd()),
         },
     )?;
     // The program holds its own reference to the module's BTF (and so to the module) from

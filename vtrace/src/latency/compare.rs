@@ -212,6 +212,7 @@ mod tests {
             events: Default::default(),
             cost: vec![],
             drivers: vec![],
+            work: vec![],
         }
     }
 

@@ -158,6 +158,7 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
             if args.cost {
                 report.cost = tracer.program_costs()?;
             }
+            report.work = tracer.work_rows()?;
             let counters = tracer.counters()?;
             report.events = report::EventCounts {
                 emitted: counters.get(Counter::Emitted),

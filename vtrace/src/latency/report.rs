@@ -95,6 +95,7 @@ impl Aggregate {
             events: EventCounts::default(),
             cost: Vec::new(),
             drivers: Vec::new(),
+            work: Vec::new(),
         }
     }
 }
@@ -230,6 +231,9 @@ pub struct LatencyReport {
     /// Driver functions read from the devices at run time (final report of a live run).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drivers: Vec<crate::discovery::DriverFunction>,
+    /// Work functions of the function tier, timed per call (see `work`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub work: Vec<crate::work::WorkRow>,
 }
 
 pub fn fmt_ns(ns: f64) -> String {
@@ -328,6 +332,7 @@ impl LatencyReport {
             );
         }
         s.push_str(&crate::discovery::render(&self.drivers));
+        s.push_str(&crate::work::render(&self.work));
         for n in &self.notes {
             let _ = writeln!(s, "note: {n}");
         }

@@ -1,0 +1,711 @@
+//! The function tier's work functions (`vtrace_common::work`): vhost-net's handlers and its
+//! worker's wake-up, tun's socket calls, xen-netback's kthread actions and NAPI polls. They do
+//! a stage's work for a batch of packets, so they are timed per call rather than joined to a
+//! packet's path: how long a `handle_tx` takes, how many packets a `xenvif_poll` moves, how
+//! long a kick waits for the vhost worker.
+//!
+//! Attaching follows the function hooks' order: fentry + fexit (through vtrace's own loader,
+//! `kernel::prog_load`, for vmlinux and module functions alike), else kprobe + kretprobe, else
+//! the row is refused with the reason. A row attaches whole or not at all: an entry without
+//! its return would count calls it never times.
+
+use anyhow::{anyhow, Result};
+use aya::{
+    maps::{MapData, PerCpuArray},
+    programs::KProbe,
+    Btf as AyaBtf, Ebpf,
+};
+use aya_obj::generated::bpf_attach_type;
+use serde::Serialize;
+use vtrace_common::work::{
+    Returns, WorkFn, WorkStats, WAKEUP_QUEUE_FUNCTIONS, WAKEUP_QUEUE_WORK_ARG,
+    WAKEUP_RUN_FUNCTIONS, WAKEUP_RUN_WORK_ARG, WORK_BUCKETS, WORK_FN_COUNT,
+};
+
+use crate::{
+    kernel::{btf::Btf, kallsyms::Kallsyms, prog_load},
+    tracer::{Attachment, LazyLinker},
+};
+
+/// The programs of a timed row: (fentry, fexit, kprobe, kretprobe), see
+/// vtrace-ebpf/src/stages/work.rs.
+fn programs(row: WorkFn) -> [String; 4] {
+    let base = format!("vt_wk_{}", row.name());
+    [
+        base.clone(),
+        format!("{base}_ret"),
+        format!("{base}_kp"),
+        format!("{base}_kret"),
+    ]
+}
+
+/// The wake-up's programs: at the queueing function, at the work handlers (fentry; kprobe).
+const WAKE_QUEUE: [&str; 2] = ["vt_wk_vhost_queue", "vt_wk_vhost_queue_kp"];
+const WAKE_RUN: [&str; 2] = ["vt_wk_vhost_run", "vt_wk_vhost_run_kp"];
+
+/// The C return types an exit program reads its row's return register as.
+fn return_types(r: Returns) -> &'static [&'static str] {
+    match r {
+        Returns::Nothing => &["void"],
+        Returns::Bool => &["bool", "_Bool"],
+        Returns::Packets | Returns::Bytes { wide: false } => &["int"],
+        Returns::Bytes { wide: true } => &["ssize_t", "long int", "long"],
+    }
+}
+
+/// Where a function's BTF is: vmlinux's (`module` None) or its module's split BTF.
+struct Located {
+    btf: Option<Btf>,
+    module: Option<&'static str>,
+}
+
+impl Located {
+    fn btf<'a>(&'a self, vmlinux: &'a Btf) -> &'a Btf {
+        self.btf.as_ref().unwrap_or(vmlinux)
+    }
+}
+
+/// Finds function `name` in vmlinux BTF, else in module `module`'s.
+fn locate(vmlinux: &Btf, name: &str, module: &'static str) -> Result<Located, String> {
+    if vmlinux.has_func(name) {
+        return Ok(Located {
+            btf: None,
+            module: None,
+        });
+    }
+    if !std::path::Path::new(&format!("/sys/module/{module}")).exists() {
+        return Err(format!(
+            "not in this kernel (module {module} not loaded, or not built)"
+        ));
+    }
+    match Btf::module(module, vmlinux) {
+        Ok(m) if m.has_func(name) => Ok(Located {
+            btf: Some(m),
+            module: Some(module),
+        }),
+        Ok(_) => Err(format!(
+            "{name} is not in module {module}'s BTF (not in this kernel version, renamed, or inlined)"
+        )),
+        Err(e) => Err(format!(
+            "module {module} has no BTF (/sys/kernel/btf/{module}): {e}"
+        )),
+    }
+}
+
+/// What vtrace attached of the work tier, and what it could not.
+#[derive(Default)]
+pub struct WorkTier {
+    /// fentry/fexit programs vtrace loaded itself: dropping one detaches and frees it.
+    links: Vec<prog_load::Attached>,
+    /// kprobe programs loaded through aya, unloaded by `detach`.
+    kprobes: Vec<String>,
+    /// The rows attached, and how (kept after `detach`, for the final report).
+    pub attached: Vec<(WorkFn, Attachment)>,
+    pub refused: Vec<(WorkFn, String)>,
+}
+
+/// What one attach attempt needs from the tracer.
+pub struct AttachContext<'a> {
+    pub btf: &'a AyaBtf,
+    pub vmlinux: &'a Btf,
+    pub kprobes: &'a Result<(), String>,
+    pub kallsyms: Option<&'a Kallsyms>,
+}
+
+impl WorkTier {
+    /// Attaches every row the kernel allows.
+    pub fn attach_all(ebpf: &mut Ebpf, linker: &mut LazyLinker, cx: &AttachContext) -> WorkTier {
+        let mut tier = WorkTier::default();
+        for row in WorkFn::ALL {
+            let result = if row.is_interval() {
+                tier.attach_wakeup(ebpf, linker, cx)
+            } else {
+                tier.attach_timed(ebpf, linker, cx, row)
+            };
+            match result {
+                Ok(how) => tier.attached.push((row, how)),
+                Err(why) => tier.refused.push((row, why)),
+            }
+        }
+        tier
+    }
+
+    fn attach_timed(
+        &mut self,
+        ebpf: &mut Ebpf,
+        linker: &mut LazyLinker,
+        cx: &AttachContext,
+        row: WorkFn,
+    ) -> Result<Attachment, String> {
+        let name = row.name();
+        let at = locate(cx.vmlinux, name, row.module())?;
+        let btf = at.btf(cx.vmlinux);
+        let ret = btf.func_return_type(name).map_err(|e| e.to_string())?;
+        if !return_types(row.returns()).contains(&ret.as_str()) {
+            return Err(format!(
+                "{name} returns {ret} here, vtrace reads {}: not attached",
+                return_types(row.returns())[0]
+            ));
+        }
+        let [entry, exit, kentry, kexit] = programs(row);
+        let fentry_said = match linker.get(ebpf, cx.btf).and_then(|l| {
+            let a = prog_load::tracing_at(
+                l,
+                &entry,
+                bpf_attach_type::BPF_TRACE_FENTRY,
+                name,
+                btf,
+                at.module,
+            )
+            .map_err(|e| e.message)?;
+            let b = prog_load::tracing_at(
+                l,
+                &exit,
+                bpf_attach_type::BPF_TRACE_FEXIT,
+                name,
+                btf,
+                at.module,
+            )
+            .map_err(|e| e.message)?;
+            Ok([a, b])
+        }) {
+            Ok(links) => {
+                self.links.extend(links);
+                return Ok(Attachment::Fentry);
+            }
+            Err(e) => format!("fentry: {e}"),
+        };
+        let symbol = self.kprobe_symbol(cx, name, &fentry_said)?;
+        self.attach_kprobes(ebpf, &[(&kentry, &[&symbol]), (&kexit, &[&symbol])])
+            .map(|()| Attachment::Kprobe)
+            .map_err(|e| format!("{fentry_said}; kprobe: {e}"))
+    }
+
+    /// The wake-up: the queueing function (the newest name this kernel has) and every
+    /// vhost-net work handler it has, all attached or none.
+    fn attach_wakeup(
+        &mut self,
+        ebpf: &mut Ebpf,
+        linker: &mut LazyLinker,
+        cx: &AttachContext,
+    ) -> Result<Attachment, String> {
+        let queue = WAKEUP_QUEUE_FUNCTIONS
+            .iter()
+            .find_map(|f| locate(cx.vmlinux, f, "vhost").ok().map(|l| (*f, l)));
+        let Some((queue_fn, queue_at)) = queue else {
+            return Err(locate(cx.vmlinux, WAKEUP_QUEUE_FUNCTIONS[0], "vhost")
+                .err()
+                .unwrap_or_else(|| "no vhost work-queueing function here".into()));
+        };
+        check_work_arg(queue_at.btf(cx.vmlinux), queue_fn, WAKEUP_QUEUE_WORK_ARG)?;
+        let mut runs = Vec::new();
+        for f in WAKEUP_RUN_FUNCTIONS {
+            if let Ok(at) = locate(cx.vmlinux, f, "vhost_net") {
+                check_work_arg(at.btf(cx.vmlinux), f, WAKEUP_RUN_WORK_ARG)?;
+                runs.push((f, at));
+            }
+        }
+        if runs.is_empty() {
+            return Err(locate(cx.vmlinux, WAKEUP_RUN_FUNCTIONS[0], "vhost_net")
+                .err()
+                .unwrap_or_else(|| "no vhost-net work handler here".into()));
+        }
+        let fentry_said = match linker.get(ebpf, cx.btf).and_then(|l| {
+            let fentry = |prog: &str, f: &str, at: &Located| {
+                prog_load::tracing_at(
+                    l,
+                    prog,
+                    bpf_attach_type::BPF_TRACE_FENTRY,
+                    f,
+                    at.btf(cx.vmlinux),
+                    at.module,
+                )
+                .map_err(|e| format!("{f}: {}", e.message))
+            };
+            let mut links = vec![fentry(WAKE_QUEUE[0], queue_fn, &queue_at)?];
+            for (f, at) in &runs {
+                links.push(fentry(WAKE_RUN[0], f, at)?);
+            }
+            Ok(links)
+        }) {
+            Ok(links) => {
+                self.links.extend(links);
+                return Ok(Attachment::Fentry);
+            }
+            Err(e) => format!("fentry: {e}"),
+        };
+        let queue_sym = self.kprobe_symbol(cx, queue_fn, &fentry_said)?;
+        let mut run_syms = Vec::new();
+        for (f, _) in &runs {
+            run_syms.push(self.kprobe_symbol(cx, f, &fentry_said)?);
+        }
+        let run_refs: Vec<&str> = run_syms.iter().map(String::as_str).collect();
+        self.attach_kprobes(
+            ebpf,
+            &[(WAKE_QUEUE[1], &[&queue_sym]), (WAKE_RUN[1], &run_refs)],
+        )
+        .map(|()| Attachment::Kprobe)
+        .map_err(|e| format!("{fentry_said}; kprobe: {e}"))
+    }
+
+    /// The kallsyms symbol of `name` (itself, else a compiler variant), when kprobes exist.
+    fn kprobe_symbol(
+        &self,
+        cx: &AttachContext,
+        name: &str,
+        fentry_said: &str,
+    ) -> Result<String, String> {
+        if let Err(why) = cx.kprobes {
+            return Err(format!("{fentry_said}; kprobe: {why}"));
+        }
+        cx.kallsyms
+            .and_then(|k| k.lookup(name).first().map(|s| s.name.clone()))
+            .ok_or_else(|| format!("{fentry_said}; kprobe: {name} not in /proc/kallsyms"))
+    }
+
+    /// Loads each program and attaches it at each of its symbols; on any failure every one
+    /// of them is unloaded again (detaching what was attached).
+    fn attach_kprobes(&mut self, ebpf: &mut Ebpf, what: &[(&str, &[&str])]) -> Result<(), String> {
+        let mut done: Vec<String> = Vec::new();
+        let result = (|| {
+            for (prog, symbols) in what {
+                let p: &mut KProbe = ebpf
+                    .program_mut(prog)
+                    .ok_or_else(|| format!("program {prog} not in the object"))?
+                    .try_into()
+                    .map_err(|e: aya::programs::ProgramError| e.to_string())?;
+                done.push(prog.to_string());
+                p.load().map_err(|e| format!("{prog}: {e}"))?;
+                for s in *symbols {
+                    p.attach(*s, 0).map_err(|e| format!("{s}: {e}"))?;
+                }
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => self.kprobes.extend(done),
+            Err(_) => {
+                for prog in &done {
+                    crate::hooks::unload_program(ebpf, prog);
+                }
+            }
+        }
+        result
+    }
+
+    /// Detaches everything (the rows stay listed in `attached`).
+    pub fn detach(&mut self, ebpf: &mut Ebpf) {
+        self.links.clear();
+        for prog in std::mem::take(&mut self.kprobes) {
+            crate::hooks::unload_program(ebpf, &prog);
+        }
+    }
+
+    /// One stderr line: which rows attached and how, and why the others did not (grouped).
+    pub fn summary(&self) -> String {
+        let mut line = format!(
+            "work functions: {} of {} timed",
+            self.attached.len(),
+            WORK_FN_COUNT
+        );
+        if !self.attached.is_empty() {
+            let names: Vec<String> = self
+                .attached
+                .iter()
+                .map(|(r, a)| format!("{}({})", r.name(), a.name()))
+                .collect();
+            line.push_str(&format!(" ({})", names.join(" ")));
+        }
+        let mut by_reason: Vec<(&str, Vec<&str>)> = Vec::new();
+        for (row, why) in &self.refused {
+            match by_reason.iter_mut().find(|(r, _)| *r == why.as_str()) {
+                Some((_, rows)) => rows.push(row.name()),
+                None => by_reason.push((why.as_str(), vec![row.name()])),
+            }
+        }
+        for (why, rows) in by_reason {
+            line.push_str(&format!("; {}: {why}", rows.join(", ")));
+        }
+        line
+    }
+}
+
+/// The wake-up's ends read a `struct vhost_work *` at `arg`: checked against the kernel's BTF.
+fn check_work_arg(btf: &Btf, name: &str, arg: usize) -> Result<(), String> {
+    let params = btf.func_param_types(name).map_err(|e| e.to_string())?;
+    if params.get(arg).is_some_and(|t| t == "vhost_work*") {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name}({}) has no struct vhost_work * at argument {arg}: not attached",
+            params.join(", ")
+        ))
+    }
+}
+
+/// `WORK_STATS`, summed over the CPUs, one per row.
+pub fn read(ebpf: &Ebpf) -> Result<Vec<WorkStats>> {
+    let map = ebpf
+        .map("WORK_STATS")
+        .ok_or_else(|| anyhow!("WORK_STATS map missing from the object"))?;
+    let arr: PerCpuArray<&MapData, WorkStats> = PerCpuArray::try_from(map)?;
+    (0..WORK_FN_COUNT as u32)
+        .map(|i| Ok(sum(arr.get(&i, 0)?.iter())))
+        .collect()
+}
+
+/// Per-CPU statistics of one row, added up.
+pub fn sum<'a>(per_cpu: impl Iterator<Item = &'a WorkStats>) -> WorkStats {
+    let mut t = WorkStats::zeroed();
+    for s in per_cpu {
+        t.calls += s.calls;
+        t.total_ns += s.total_ns;
+        t.max_ns = t.max_ns.max(s.max_ns);
+        t.returned += s.returned;
+        t.errors += s.errors;
+        t.unmatched += s.unmatched;
+        for (a, b) in t.buckets.iter_mut().zip(s.buckets.iter()) {
+            *a += b;
+        }
+    }
+    t
+}
+
+/// One row of the report: a work function (or the wake-up interval) the run attached.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
+pub struct WorkRow {
+    pub function: String,
+    pub module: String,
+    pub stage: crate::hooks::Stage,
+    pub via: String,
+    pub calls: u64,
+    pub total_ns: u64,
+    pub mean_ns: f64,
+    /// Upper bounds of the log2 buckets holding the median and the 99th percentile call.
+    pub p50_le_ns: u64,
+    pub p99_le_ns: u64,
+    pub max_ns: u64,
+    /// What the calls returned, added up, in `returned_unit` (none for void functions).
+    pub returned: u64,
+    pub returned_unit: Option<String>,
+    pub errors: u64,
+    pub unmatched: u64,
+}
+
+/// The upper bound (ns) of the bucket holding quantile `q` of the calls.
+pub fn quantile_le(buckets: &[u64; WORK_BUCKETS], q: f64) -> u64 {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return 0;
+    }
+    let rank = ((q * total as f64).ceil() as u64).max(1);
+    let mut seen = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        seen += n;
+        if seen >= rank {
+            return 1u64 << (i + 1).min(63);
+        }
+    }
+    1u64 << WORK_BUCKETS
+}
+
+fn unit(r: Returns) -> Option<&'static str> {
+    match r {
+        Returns::Nothing => None,
+        Returns::Packets => Some("packets"),
+        Returns::Bytes { .. } => Some("bytes"),
+        Returns::Bool => Some("wake-ups with work"),
+    }
+}
+
+/// The report rows of the attached rows, from their summed statistics.
+pub fn rows(attached: &[(WorkFn, Attachment)], stats: &[WorkStats]) -> Vec<WorkRow> {
+    attached
+        .iter()
+        .filter_map(|(row, how)| {
+            let s = stats.get(*row as usize)?;
+            let stage = crate::hooks::CATALOG
+                .iter()
+                .find(|h| h.name == row.name())
+                .map(|h| h.stage)
+                .unwrap_or(crate::hooks::Stage::TapVhost);
+            Some(WorkRow {
+                function: row.name().to_string(),
+                module: row.module().to_string(),
+                stage,
+                via: how.name().to_string(),
+                calls: s.calls,
+                total_ns: s.total_ns,
+                mean_ns: if s.calls > 0 {
+                    s.total_ns as f64 / s.calls as f64
+                } else {
+                    0.0
+                },
+                p50_le_ns: quantile_le(&s.buckets, 0.50),
+                p99_le_ns: quantile_le(&s.buckets, 0.99),
+                max_ns: s.max_ns,
+                returned: s.returned,
+                returned_unit: unit(row.returns()).map(String::from),
+                errors: s.errors,
+                unmatched: s.unmatched,
+            })
+        })
+        .collect()
+}
+
+/// The human table (empty when nothing was attached).
+pub fn render(rows: &[WorkRow]) -> String {
+    use crate::latency::report::fmt_ns;
+    use std::fmt::Write;
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\nwork inside the stages (function tier, time per call; p50/p99 are log2-bucket bounds):\n",
+    );
+    let _ = writeln!(
+        s,
+        "  {:<29} {:<11} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  returned",
+        "function", "module", "via", "calls", "mean", "p50<=", "p99<=", "max", "total"
+    );
+    for r in rows {
+        let returned = match &r.returned_unit {
+            Some(u) => {
+                let mut t = format!("{} {u}", r.returned);
+                if r.errors > 0 {
+                    t.push_str(&format!(", {} errors", r.errors));
+                }
+                t
+            }
+            None if r.function == WorkFn::VhostWakeup.name() => "(kick/ready -> handler)".into(),
+            None => "-".into(),
+        };
+        let _ = writeln!(
+            s,
+            "  {:<29} {:<11} {:<6} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  {returned}",
+            r.function,
+            r.module,
+            r.via,
+            r.calls,
+            fmt_ns(r.mean_ns),
+            fmt_ns(r.p50_le_ns as f64),
+            fmt_ns(r.p99_le_ns as f64),
+            fmt_ns(r.max_ns as f64),
+            fmt_ns(r.total_ns as f64),
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(durations: &[u64], returned: u64) -> WorkStats {
+        let mut s = WorkStats::zeroed();
+        for &d in durations {
+            s.calls += 1;
+            s.total_ns += d;
+            s.max_ns = s.max_ns.max(d);
+            s.buckets[WorkStats::bucket(d)] += 1;
+        }
+        s.returned = returned;
+        s
+    }
+
+    #[test]
+    fn buckets_are_log2_and_capped() {
+        assert_eq!(WorkStats::bucket(0), 0);
+        assert_eq!(WorkStats::bucket(1), 0);
+        assert_eq!(WorkStats::bucket(2), 1);
+        assert_eq!(WorkStats::bucket(1023), 9);
+        assert_eq!(WorkStats::bucket(1024), 10);
+        assert_eq!(WorkStats::bucket(u64::MAX), WORK_BUCKETS - 1);
+    }
+
+    #[test]
+    fn per_cpu_statistics_add_up_and_quantiles_bound_the_calls() {
+        // Two CPUs of netback's NAPI poll: 99 polls of ~3 us and one of 100 us.
+        let a = stats(&[3000; 60], 600);
+        let mut b_calls = vec![3000u64; 39];
+        b_calls.push(100_000);
+        let b = stats(&b_calls, 400);
+        let t = sum([a, b].iter());
+        assert_eq!(t.calls, 100);
+        assert_eq!(t.returned, 1000);
+        assert_eq!(t.max_ns, 100_000);
+        assert_eq!(t.total_ns, 99 * 3000 + 100_000);
+        // 3000 ns is in [2048, 4096): the median's bound is 4096; the 99th call still is.
+        assert_eq!(quantile_le(&t.buckets, 0.5), 4096);
+        assert_eq!(quantile_le(&t.buckets, 0.99), 4096);
+        assert_eq!(quantile_le(&t.buckets, 1.0), 131_072);
+        assert_eq!(quantile_le(&WorkStats::zeroed().buckets, 0.5), 0);
+    }
+
+    /// The Xen rows cannot run here (no Xen): their report rows are made from generated
+    /// statistics, as a dom0's would read them.
+    #[test]
+    fn netback_rows_report_their_stage_module_and_units() {
+        let mut all = vec![WorkStats::zeroed(); WORK_FN_COUNT];
+        all[WorkFn::XenvifPoll as usize] = stats(&[2000, 4000, 6000], 64);
+        all[WorkFn::XenvifRxQueueDropExpired as usize] = stats(&[500], 0);
+        all[WorkFn::TunSendmsg as usize] = stats(&[1000], 60);
+        all[WorkFn::TunSendmsg as usize].errors = 2;
+        let attached = [
+            (WorkFn::XenvifPoll, Attachment::Fentry),
+            (WorkFn::XenvifRxQueueDropExpired, Attachment::Kprobe),
+            (WorkFn::TunSendmsg, Attachment::Fentry),
+        ];
+        let rows = rows(&attached, &all);
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[0].function, "xenvif_poll");
+        assert_eq!(rows[0].module, "xen_netback");
+        assert_eq!(rows[0].stage, crate::hooks::Stage::Netback);
+        assert_eq!(rows[0].calls, 3);
+        assert_eq!(rows[0].mean_ns, 4000.0);
+        assert_eq!(rows[0].returned_unit.as_deref(), Some("packets"));
+        assert_eq!(rows[1].via, "kprobe");
+        assert_eq!(rows[1].returned_unit, None);
+        let text = render(&rows);
+        assert!(text.contains("64 packets"), "{text}");
+        assert!(text.contains("60 bytes, 2 errors"), "{text}");
+        assert!(
+            text.lines()
+                .any(|l| l.contains("xenvif_rx_queue_drop_expired")
+                    && l.contains("kprobe")
+                    && l.trim_end().ends_with('-')),
+            "{text}"
+        );
+        assert_eq!(render(&[]), "");
+    }
+
+    /// Every row's function (and the wake-up's ends) is in the hook catalog with its module,
+    /// so `vtrace hooks` lists what the work tier attaches.
+    #[test]
+    fn every_work_function_is_in_the_catalog() {
+        for row in WorkFn::ALL {
+            let names: Vec<&str> = if row.is_interval() {
+                WAKEUP_QUEUE_FUNCTIONS
+                    .iter()
+                    .chain(WAKEUP_RUN_FUNCTIONS.iter())
+                    .copied()
+                    .collect()
+            } else {
+                vec![row.name()]
+            };
+            for n in names {
+                let hp = crate::hooks::CATALOG
+                    .iter()
+                    .find(|h| h.name == n)
+                    .unwrap_or_else(|| panic!("{n} not in the catalog"));
+                assert_eq!(hp.tier, crate::hooks::Tier::Function, "{n}");
+                assert!(hp.module.is_some(), "{n}");
+            }
+        }
+    }
+
+    /// The kprobe/kretprobe twins of every row, and the wake-up's, pass this kernel's verifier
+    /// (the kernel loads kprobe programs even without CONFIG_KPROBES; attaching needs it). The
+    /// fentry/fexit programs run the same bodies; fentry is refused here, so they are verified
+    /// and run on Debian's kernel by tests/distro_kernel.rs.
+    #[test]
+    fn kprobe_twins_pass_this_kernels_verifier() {
+        let btf = aya::Btf::from_sys_fs().expect("BTF");
+        let mut ebpf = aya::EbpfLoader::new()
+            .btf(Some(&btf))
+            .override_global("CONFIG", &vtrace_common::Config::zeroed(), true)
+            .load(crate::tracer::object())
+            .expect("object loads");
+        let mut names: Vec<String> = WorkFn::ALL
+            .iter()
+            .filter(|r| !r.is_interval())
+            .flat_map(|r| {
+                let [_, _, kentry, kexit] = programs(*r);
+                [kentry, kexit]
+            })
+            .collect();
+        names.extend([WAKE_QUEUE[1], WAKE_RUN[1]].map(String::from));
+        assert_eq!(names.len(), 2 * (WORK_FN_COUNT - 1) + 2);
+        for n in names {
+            let p: &mut KProbe = ebpf
+                .program_mut(&n)
+                .unwrap_or_else(|| panic!("{n} not in the object"))
+                .try_into()
+                .expect("a kprobe program");
+            p.load().unwrap_or_else(|e| panic!("{n}: {e:?}"));
+        }
+    }
+
+    /// The tracer's function tier on this kernel: every row is attached or refused with a
+    /// one-line reason, and nothing of a refused row stays loaded; after the tracer is gone no
+    /// work program is left. (Here fentry is refused and kprobes are absent, so every row is
+    /// refused; tests/distro_kernel.rs runs the attached case.)
+    #[test]
+    fn every_row_attaches_whole_or_leaves_nothing_loaded() {
+        use crate::kernel::bpf_sys::{self, bpf_cmd};
+        use crate::tracer::{Tracer, TracerOptions};
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            panic!("this test loads eBPF programs: run it as root (cargo xtask test)");
+        }
+        let before: std::collections::HashSet<u32> = bpf_sys::ids(bpf_cmd::BPF_PROG_GET_NEXT_ID)
+            .unwrap()
+            .into_iter()
+            .collect();
+        let work_programs = || -> Vec<(u32, String)> {
+            let new: Vec<u32> = bpf_sys::ids(bpf_cmd::BPF_PROG_GET_NEXT_ID)
+                .unwrap()
+                .into_iter()
+                .filter(|id| !before.contains(id))
+                .collect();
+            bpf_sys::prog_names(&new)
+                .into_iter()
+                .filter(|(_, n)| n.starts_with("vt_wk_"))
+                .collect()
+        };
+        let info = Btf::vmlinux().expect("BTF");
+        let mut config = vtrace_common::Config::zeroed();
+        config.offsets = crate::kernel::resolve_offsets(info).expect("offsets");
+        let tracer = Tracer::start(TracerOptions {
+            config,
+            hooks: Vec::new(),
+            ring_bytes: 1 << 16,
+            functions: true,
+        })
+        .expect("tracer starts");
+        let tier = &tracer.work;
+        assert_eq!(tier.attached.len() + tier.refused.len(), WORK_FN_COUNT);
+        for (row, why) in &tier.refused {
+            assert!(
+                !why.is_empty() && !why.contains('\n'),
+                "{}: {why:?}",
+                row.name()
+            );
+        }
+        let line = tier.summary();
+        println!("{line}");
+        assert!(!line.contains('\n'));
+        if tier.attached.is_empty() {
+            assert!(
+                work_programs().is_empty(),
+                "refused rows left programs loaded: {:?}",
+                work_programs()
+            );
+        } else {
+            assert!(!work_programs().is_empty());
+        }
+        assert_eq!(tracer.work_rows().expect("rows").len(), tier.attached.len());
+        drop(tracer);
+        for _ in 0..50 {
+            if work_programs().is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert!(
+            work_programs().is_empty(),
+            "left loaded: {:?}",
+            work_programs()
+        );
+    }
+}

@@ -18,6 +18,7 @@ pub mod names;
 pub mod netns;
 pub mod ping;
 pub mod topology;
+pub mod vhost;
 pub mod vmm;
 
 pub use flood::{flood, FloodOptions, FloodReport};

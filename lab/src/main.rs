@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 use vtrace_lab::guest::{Accel, GuestImage, VmLab, VmLabOptions};
+use vtrace_lab::vhost::VhostOptions;
 use vtrace_lab::{Lab, LabOptions, VmmOptions, VmmStats};
 
 /// Test topology of vtrace: network namespaces joined by a native path
@@ -29,6 +30,35 @@ enum Cmd {
     /// The lab with a real VM: a QEMU guest routing between two namespaces.
     #[command(subcommand)]
     Vm(VmCmd),
+    /// Drive the kernel's vhost-net without a VM, as QEMU does with `vhost=on`: create a
+    /// tap, attach it to /dev/vhost-net with an RX and a TX ring in this process's memory,
+    /// send frames through TX (handle_tx → tun_sendmsg) and count what the host sends to
+    /// the tap on RX (handle_rx → tun_recvmsg). Prints one summary line. Needs root and
+    /// the vhost_net module; the tap is removed on exit.
+    Vhost(VhostArgs),
+}
+
+#[derive(Args)]
+struct VhostArgs {
+    /// Name of the tap to create (must not exist; not persistent).
+    #[arg(long, value_name = "NAME")]
+    tap: String,
+    /// 64-byte Ethernet/IPv4/UDP frames to send through the TX ring, to the tap's MAC.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    frames: u64,
+    /// Receive buffers (2 KiB each) to post on the RX ring, at most the ring size (256).
+    #[arg(long, value_name = "M", default_value_t = 256,
+          value_parser = clap::value_parser!(u16).range(1..=vtrace_lab::vhost::RING_SIZE as i64))]
+    rx_buffers: u16,
+    /// Source address of the frames (the "guest"), in 198.18.0.0/15.
+    #[arg(long, value_name = "IPV4", default_value = "198.18.6.2")]
+    src: std::net::Ipv4Addr,
+    /// Destination address of the frames, in 198.18.0.0/15.
+    #[arg(long, value_name = "IPV4", default_value = "198.18.6.1")]
+    dst: std::net::Ipv4Addr,
+    /// How long to keep receiving on the RX ring after all frames were sent, in ms.
+    #[arg(long, value_name = "MS", default_value_t = 1000)]
+    linger_ms: u64,
 }
 
 #[derive(Subcommand)]
@@ -120,6 +150,7 @@ fn main() -> ExitCode {
         Cmd::Clean(a) => clean(a),
         Cmd::Vm(VmCmd::Build(a)) => vm_build(a),
         Cmd::Vm(VmCmd::Up(a)) => vm_up(a),
+        Cmd::Vhost(a) => vhost(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -382,6 +413,30 @@ fn vm_up(a: VmUpArgs) -> Result<()> {
     }
     drop(lab);
     say!("done");
+    Ok(())
+}
+
+fn vhost(a: VhostArgs) -> Result<()> {
+    require_root()?;
+    let opts = VhostOptions {
+        tap: a.tap,
+        frames: a.frames,
+        rx_buffers: a.rx_buffers,
+        src: a.src,
+        dst: a.dst,
+        linger: Duration::from_millis(a.linger_ms),
+    };
+    let r = vtrace_lab::vhost::run(&opts)?;
+    say!(
+        "vhost: tap {}: tx {} frames sent ({} used), rx {} frames received ({} ICMP echo requests for {}); features {:#x}",
+        opts.tap,
+        r.tx_sent,
+        r.tx_used,
+        r.rx_frames,
+        r.rx_echo_requests,
+        opts.src,
+        r.features
+    );
     Ok(())
 }
 

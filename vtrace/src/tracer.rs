@@ -31,6 +31,18 @@ fn raw_tracepoints_only() -> bool {
     std::env::var(RAW_TRACEPOINTS_ENV).is_ok_and(|v| v == "1")
 }
 
+/// Set to 1, vtrace attaches the function tier with kprobes (and kretprobes) without trying
+/// fentry/fexit: what kernels that refuse fentry run, for testing that fallback on a kernel
+/// that has both.
+pub const KPROBES_ENV: &str = "VTRACE_KPROBES";
+
+/// `Some(reason)` when fentry is not to be tried (`VTRACE_KPROBES=1`).
+pub fn fentry_skipped() -> Option<String> {
+    std::env::var(KPROBES_ENV)
+        .is_ok_and(|v| v == "1")
+        .then(|| format!("skipped ({KPROBES_ENV}=1)"))
+}
+
 /// The eBPF object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/vtrace.bpf.o"));
 
@@ -256,16 +268,20 @@ impl Tracer {
             .and_then(|h| h.module);
         let fentry_said = if info.has_func(name) {
             check_signature(info, hook)?;
-            match try_program::<FEntry>(
-                &mut self.ebpf,
-                &program_for(hook, Attachment::Fentry),
-                |p| {
-                    p.load(name, btf)?;
-                    p.attach().map(drop)
-                },
-            ) {
-                Ok(()) => return Ok(Attachment::Fentry),
-                Err(e) => format!("fentry: {}", e.message),
+            if let Some(skipped) = fentry_skipped() {
+                format!("fentry: {skipped}")
+            } else {
+                match try_program::<FEntry>(
+                    &mut self.ebpf,
+                    &program_for(hook, Attachment::Fentry),
+                    |p| {
+                        p.load(name, btf)?;
+                        p.attach().map(drop)
+                    },
+                ) {
+                    Ok(()) => return Ok(Attachment::Fentry),
+                    Err(e) => format!("fentry: {}", e.message),
+                }
             }
         } else {
             let module_btf = module.and_then(|m| crate::kernel::btf::Btf::module(m, info).ok());
@@ -273,9 +289,13 @@ impl Tracer {
                 (Some(m), Some(mb)) if mb.has_func(name) => {
                     // In a module: aya 0.14 cannot target module BTF, vtrace loads it itself.
                     check_signature(&mb, hook)?;
-                    match self.attach_module_fentry(hook, m, &mb, btf, linker) {
-                        Ok(()) => return Ok(Attachment::Fentry),
-                        Err(e) => format!("fentry: {e}"),
+                    if let Some(skipped) = fentry_skipped() {
+                        format!("fentry: {skipped}")
+                    } else {
+                        match self.attach_module_fentry(hook, m, &mb, btf, linker) {
+                            Ok(()) => return Ok(Attachment::Fentry),
+                            Err(e) => format!("fentry: {e}"),
+                        }
                     }
                 }
                 (Some(m), _) => {

@@ -148,27 +148,29 @@ impl WorkTier {
             ));
         }
         let [entry, exit, kentry, kexit] = programs(row);
-        let fentry_said = match linker.get(ebpf, cx.btf).and_then(|l| {
-            let a = prog_load::tracing_at(
-                l,
-                &entry,
-                bpf_attach_type::BPF_TRACE_FENTRY,
-                name,
-                btf,
-                at.module,
-            )
-            .map_err(|e| e.message)?;
-            let b = prog_load::tracing_at(
-                l,
-                &exit,
-                bpf_attach_type::BPF_TRACE_FEXIT,
-                name,
-                btf,
-                at.module,
-            )
-            .map_err(|e| e.message)?;
-            Ok([a, b])
-        }) {
+        let fentry_said = match crate::tracer::fentry_skipped()
+            .map_or_else(|| linker.get(ebpf, cx.btf), Err)
+            .and_then(|l| {
+                let a = prog_load::tracing_at(
+                    l,
+                    &entry,
+                    bpf_attach_type::BPF_TRACE_FENTRY,
+                    name,
+                    btf,
+                    at.module,
+                )
+                .map_err(|e| e.message)?;
+                let b = prog_load::tracing_at(
+                    l,
+                    &exit,
+                    bpf_attach_type::BPF_TRACE_FEXIT,
+                    name,
+                    btf,
+                    at.module,
+                )
+                .map_err(|e| e.message)?;
+                Ok([a, b])
+            }) {
             Ok(links) => {
                 self.links.extend(links);
                 return Ok(Attachment::Fentry);
@@ -210,24 +212,26 @@ impl WorkTier {
                 .err()
                 .unwrap_or_else(|| "no vhost-net work handler here".into()));
         }
-        let fentry_said = match linker.get(ebpf, cx.btf).and_then(|l| {
-            let fentry = |prog: &str, f: &str, at: &Located| {
-                prog_load::tracing_at(
-                    l,
-                    prog,
-                    bpf_attach_type::BPF_TRACE_FENTRY,
-                    f,
-                    at.btf(cx.vmlinux),
-                    at.module,
-                )
-                .map_err(|e| format!("{f}: {}", e.message))
-            };
-            let mut links = vec![fentry(WAKE_QUEUE[0], queue_fn, &queue_at)?];
-            for (f, at) in &runs {
-                links.push(fentry(WAKE_RUN[0], f, at)?);
-            }
-            Ok(links)
-        }) {
+        let fentry_said = match crate::tracer::fentry_skipped()
+            .map_or_else(|| linker.get(ebpf, cx.btf), Err)
+            .and_then(|l| {
+                let fentry = |prog: &str, f: &str, at: &Located| {
+                    prog_load::tracing_at(
+                        l,
+                        prog,
+                        bpf_attach_type::BPF_TRACE_FENTRY,
+                        f,
+                        at.btf(cx.vmlinux),
+                        at.module,
+                    )
+                    .map_err(|e| format!("{f}: {}", e.message))
+                };
+                let mut links = vec![fentry(WAKE_QUEUE[0], queue_fn, &queue_at)?];
+                for (f, at) in &runs {
+                    links.push(fentry(WAKE_RUN[0], f, at)?);
+                }
+                Ok(links)
+            }) {
             Ok(links) => {
                 self.links.extend(links);
                 return Ok(Attachment::Fentry);

@@ -392,7 +392,7 @@ pub(crate) fn read(p: &Path) -> Result<Vec<u8>> {
 }
 
 /// A module file's contents, decompressed if the package ships it compressed.
-fn read_module(p: &Path) -> Result<Vec<u8>> {
+pub(crate) fn read_module(p: &Path) -> Result<Vec<u8>> {
     let name = p.to_string_lossy();
     let tool = if name.ends_with(".ko.xz") {
         "xz"

@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::cmd::run;
 use crate::guest::{
-    download, ensure_qemu, gzip_to, kernel_dependency, kernel_release, lock_dir, read,
+    download, ensure_qemu, gzip_to, kernel_dependency, kernel_release, lock_dir, read, read_module,
     resolve_modules, unpack, CpioWriter, BUSYBOX_PACKAGE, INITRAMFS_DIRS, KERNEL_METAPACKAGE,
 };
 
@@ -33,6 +33,10 @@ pub const DONE_MARKER: &str = "VTRACE_GUEST_RUN_DONE";
 pub struct GuestRun<'a> {
     /// Modules to load, by name (their dependencies are loaded first).
     pub modules: &'a [&'a str],
+    /// Modules (among `modules` or their dependencies) whose BTF is removed before they are
+    /// packed (`objcopy --remove-section=.BTF`): as a kernel built without
+    /// CONFIG_DEBUG_INFO_BTF_MODULES loads them, with no /sys/kernel/btf/<module>.
+    pub without_btf: &'a [&'a str],
     /// Host programs to copy to `/bin/<name>` in the guest, with their shared libraries.
     pub programs: &'a [&'a Path],
     /// Run by busybox `sh` after the modules are loaded.
@@ -65,6 +69,17 @@ echo "VTRACE_GUEST_RUN_DONE $?"
 poweroff -f
 "#;
 
+/// A copy of module `ko` (decompressed) at `dest` without its `.BTF` section.
+fn without_btf(ko: &Path, dest: &Path) -> Result<PathBuf> {
+    fs::write(dest, read_module(ko)?)
+        .with_context(|| format!("cannot write {}", dest.display()))?;
+    run(Command::new("objcopy")
+        .arg("--remove-section=.BTF")
+        .arg(dest))
+    .with_context(|| format!("removing the BTF of {}", ko.display()))?;
+    Ok(dest.to_path_buf())
+}
+
 /// Boots the guest and runs `what.script` in it. Needs root only to install QEMU when missing;
 /// downloads two Debian packages the first time (see `guest::GuestImage::ensure`).
 pub fn run_in_guest(cache_dir: &Path, what: &GuestRun) -> Result<GuestOutput> {
@@ -93,7 +108,13 @@ pub fn run_in_guest(cache_dir: &Path, what: &GuestRun) -> Result<GuestOutput> {
             unpack(&busybox_deb, &broot)?;
             let release = kernel_release(&kroot)?;
             let vmlinuz = kroot.join("boot").join(format!("vmlinuz-{release}"));
-            let modules = resolve_modules(&kroot.join("lib/modules").join(&release), what.modules)?;
+            let mut modules =
+                resolve_modules(&kroot.join("lib/modules").join(&release), what.modules)?;
+            for (name, path) in modules.iter_mut() {
+                if what.without_btf.contains(&name.as_str()) {
+                    *path = without_btf(path, &work.join(format!("{name}.ko")))?;
+                }
+            }
             let mut cpio = CpioWriter::with_busybox(&read(&broot.join("bin/busybox"))?);
             // Programs in /bin, their libraries at the paths the loader looks for them.
             let mut libs = std::collections::BTreeSet::new();

@@ -90,6 +90,7 @@ fn vhost_net_moves_frames_both_ways_in_a_debian_guest() {
         &GuestImage::default_cache_dir(),
         &GuestRun {
             modules: &["vhost_net", "tun"],
+            without_btf: &[],
             programs: &[lab],
             script: SCRIPT,
             timeout: Duration::from_secs(600),

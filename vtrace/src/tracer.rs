@@ -298,6 +298,16 @@ impl Tracer {
                         }
                     }
                 }
+                // A kernel built without module BTF (CONFIG_DEBUG_INFO_BTF_MODULES): no
+                // fentry, and no prototype to check; a kprobe by symbol still attaches.
+                (Some(m), _)
+                    if std::path::Path::new(&format!("/sys/module/{m}")).exists()
+                        && !std::path::Path::new(&format!("/sys/kernel/btf/{m}")).exists() =>
+                {
+                    format!(
+                        "fentry: module {m} has no BTF (/sys/kernel/btf/{m}; prototype unchecked)"
+                    )
+                }
                 (Some(m), _) => {
                     return Err(format!(
                         "not in this kernel (module {m} not loaded, or {name} inlined)"

@@ -53,21 +53,38 @@ fn return_types(r: Returns) -> &'static [&'static str] {
     }
 }
 
-/// Where a function's BTF is: vmlinux's (`module` None) or its module's split BTF.
+/// Where a function is: in vmlinux (`module` None), in a module with BTF (`btf`), or in a
+/// loaded module without BTF (`btf` None, `module` Some): kprobes only, its prototype unchecked.
 struct Located {
     btf: Option<Btf>,
     module: Option<&'static str>,
 }
 
 impl Located {
-    fn btf<'a>(&'a self, vmlinux: &'a Btf) -> &'a Btf {
-        self.btf.as_ref().unwrap_or(vmlinux)
+    /// The BTF to check the prototype in and to attach fentry by; None without module BTF.
+    fn btf<'a>(&'a self, vmlinux: &'a Btf) -> Option<&'a Btf> {
+        match (&self.btf, self.module) {
+            (Some(m), _) => Some(m),
+            (None, None) => Some(vmlinux),
+            (None, Some(_)) => None,
+        }
+    }
+
+    /// Why fentry cannot be tried, when it cannot.
+    fn no_btf(&self) -> Option<String> {
+        match (&self.btf, self.module) {
+            (None, Some(m)) => Some(format!(
+                "module {m} has no BTF (/sys/kernel/btf/{m}; prototype unchecked)"
+            )),
+            _ => None,
+        }
     }
 }
 
-/// Finds function `name` in vmlinux BTF, else in module `module`'s.
-fn locate(vmlinux: &Btf, name: &str, module: &'static str) -> Result<Located, String> {
-    if vmlinux.has_func(name) {
+/// Finds function `name` in vmlinux BTF, else in module `module`'s; in a loaded module
+/// without BTF (a kernel without CONFIG_DEBUG_INFO_BTF_MODULES), by its kallsyms symbol.
+fn locate(cx: &AttachContext, name: &str, module: &'static str) -> Result<Located, String> {
+    if cx.vmlinux.has_func(name) {
         return Ok(Located {
             btf: None,
             module: None,
@@ -78,7 +95,18 @@ fn locate(vmlinux: &Btf, name: &str, module: &'static str) -> Result<Located, St
             "not in this kernel (module {module} not loaded, or not built)"
         ));
     }
-    match Btf::module(module, vmlinux) {
+    if !std::path::Path::new(&format!("/sys/kernel/btf/{module}")).exists() {
+        return match cx.kallsyms.map(|k| k.lookup(name).is_empty()) {
+            Some(false) => Ok(Located {
+                btf: None,
+                module: Some(module),
+            }),
+            _ => Err(format!(
+                "module {module} has no BTF and {name} is not in /proc/kallsyms"
+            )),
+        };
+    }
+    match Btf::module(module, cx.vmlinux) {
         Ok(m) if m.has_func(name) => Ok(Located {
             btf: Some(m),
             module: Some(module),
@@ -86,9 +114,7 @@ fn locate(vmlinux: &Btf, name: &str, module: &'static str) -> Result<Located, St
         Ok(_) => Err(format!(
             "{name} is not in module {module}'s BTF (not in this kernel version, renamed, or inlined)"
         )),
-        Err(e) => Err(format!(
-            "module {module} has no BTF (/sys/kernel/btf/{module}): {e}"
-        )),
+        Err(e) => Err(format!("reading /sys/kernel/btf/{module}: {e}")),
     }
 }
 
@@ -138,19 +164,23 @@ impl WorkTier {
         row: WorkFn,
     ) -> Result<Attachment, String> {
         let name = row.name();
-        let at = locate(cx.vmlinux, name, row.module())?;
+        let at = locate(cx, name, row.module())?;
         let btf = at.btf(cx.vmlinux);
-        let ret = btf.func_return_type(name).map_err(|e| e.to_string())?;
-        if !return_types(row.returns()).contains(&ret.as_str()) {
-            return Err(format!(
-                "{name} returns {ret} here, vtrace reads {}: not attached",
-                return_types(row.returns())[0]
-            ));
+        if let Some(btf) = btf {
+            let ret = btf.func_return_type(name).map_err(|e| e.to_string())?;
+            if !return_types(row.returns()).contains(&ret.as_str()) {
+                return Err(format!(
+                    "{name} returns {ret} here, vtrace reads {}: not attached",
+                    return_types(row.returns())[0]
+                ));
+            }
         }
         let [entry, exit, kentry, kexit] = programs(row);
         let fentry_said = match crate::tracer::fentry_skipped()
+            .or_else(|| at.no_btf())
             .map_or_else(|| linker.get(ebpf, cx.btf), Err)
             .and_then(|l| {
+                let btf = btf.unwrap_or(cx.vmlinux);
                 let a = prog_load::tracing_at(
                     l,
                     &entry,
@@ -193,26 +223,35 @@ impl WorkTier {
     ) -> Result<Attachment, String> {
         let queue = WAKEUP_QUEUE_FUNCTIONS
             .iter()
-            .find_map(|f| locate(cx.vmlinux, f, "vhost").ok().map(|l| (*f, l)));
+            .find_map(|f| locate(cx, f, "vhost").ok().map(|l| (*f, l)));
         let Some((queue_fn, queue_at)) = queue else {
-            return Err(locate(cx.vmlinux, WAKEUP_QUEUE_FUNCTIONS[0], "vhost")
+            return Err(locate(cx, WAKEUP_QUEUE_FUNCTIONS[0], "vhost")
                 .err()
                 .unwrap_or_else(|| "no vhost work-queueing function here".into()));
         };
-        check_work_arg(queue_at.btf(cx.vmlinux), queue_fn, WAKEUP_QUEUE_WORK_ARG)?;
+        if let Some(btf) = queue_at.btf(cx.vmlinux) {
+            check_work_arg(btf, queue_fn, WAKEUP_QUEUE_WORK_ARG)?;
+        }
         let mut runs = Vec::new();
         for f in WAKEUP_RUN_FUNCTIONS {
-            if let Ok(at) = locate(cx.vmlinux, f, "vhost_net") {
-                check_work_arg(at.btf(cx.vmlinux), f, WAKEUP_RUN_WORK_ARG)?;
+            if let Ok(at) = locate(cx, f, "vhost_net") {
+                if let Some(btf) = at.btf(cx.vmlinux) {
+                    check_work_arg(btf, f, WAKEUP_RUN_WORK_ARG)?;
+                }
                 runs.push((f, at));
             }
         }
         if runs.is_empty() {
-            return Err(locate(cx.vmlinux, WAKEUP_RUN_FUNCTIONS[0], "vhost_net")
+            return Err(locate(cx, WAKEUP_RUN_FUNCTIONS[0], "vhost_net")
                 .err()
                 .unwrap_or_else(|| "no vhost-net work handler here".into()));
         }
         let fentry_said = match crate::tracer::fentry_skipped()
+            .or_else(|| {
+                std::iter::once(&queue_at)
+                    .chain(runs.iter().map(|(_, at)| at))
+                    .find_map(Located::no_btf)
+            })
             .map_or_else(|| linker.get(ebpf, cx.btf), Err)
             .and_then(|l| {
                 let fentry = |prog: &str, f: &str, at: &Located| {
@@ -221,7 +260,7 @@ impl WorkTier {
                         prog,
                         bpf_attach_type::BPF_TRACE_FENTRY,
                         f,
-                        at.btf(cx.vmlinux),
+                        at.btf(cx.vmlinux).unwrap_or(cx.vmlinux),
                         at.module,
                     )
                     .map_err(|e| format!("{f}: {}", e.message))

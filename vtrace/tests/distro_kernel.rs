@@ -56,6 +56,7 @@ fn module_functions_attach_with_fentry_on_a_debian_kernel() {
         &GuestImage::default_cache_dir(),
         &GuestRun {
             modules: &["bridge", "dummy"],
+            without_btf: &[],
             programs: &[vtrace],
             script: SCRIPT,
             timeout: Duration::from_secs(600),
@@ -159,10 +160,40 @@ traced_run kprobe vtvh1 198.18.7 1
 /// The work functions for real: vhost-net's handlers, its worker's wake-up and tun's socket
 /// calls are timed on Debian's kernel, where vhost_net, vhost and tun are modules with BTF,
 /// first with fentry/fexit (through the module path), then with kprobe/kretprobe
-/// (`VTRACE_KPROBES=1`), which this machine's kernel lacks. The driver is this build's
-/// `vtrace-lab` (built beside `vtrace` by `cargo test --workspace`).
+/// (`VTRACE_KPROBES=1`), which this machine's kernel lacks.
 #[test]
 fn vhost_net_work_is_timed_on_a_debian_kernel() {
+    vhost_work_in_guest(&[], [("fentry", "fentry"), ("kprobe", "kprobe")]);
+}
+
+/// The same with the modules' BTF removed, as a kernel built without
+/// CONFIG_DEBUG_INFO_BTF_MODULES has them: no fentry possible, every function (work rows and
+/// packet hops) attaches by kprobe, found by its kallsyms symbol, and says why.
+#[test]
+fn modules_without_btf_fall_back_to_kprobes_on_a_debian_kernel() {
+    let err = vhost_work_in_guest(
+        &["vhost_net", "vhost", "tun"],
+        [("fentry", "kprobe"), ("kprobe", "kprobe")],
+    );
+    let work = err
+        .lines()
+        .find(|l| l.starts_with("vtrace: work functions:"))
+        .unwrap_or_default();
+    assert!(work.contains("has no BTF"), "{work}");
+    let tier = err
+        .lines()
+        .find(|l| l.starts_with("vtrace: function tier:"))
+        .unwrap_or_default();
+    for f in ["tun_net_xmit", "tun_do_read"] {
+        assert!(tier.contains(&format!("{f}(kprobe)")), "{f}: {tier}");
+    }
+}
+
+/// Boots the guest with vhost_net and tun (those in `without_btf` stripped of their BTF),
+/// runs `VHOST_SCRIPT` and checks each run (label, expected attachment) of it; returns the
+/// first run's stderr. The driver is this build's `vtrace-lab` (built beside `vtrace` by
+/// `cargo test --workspace`).
+fn vhost_work_in_guest(without_btf: &[&str], runs: [(&str, &str); 2]) -> String {
     let vtrace = Path::new(env!("CARGO_BIN_EXE_vtrace"));
     let lab = vtrace.with_file_name("vtrace-lab");
     assert!(
@@ -174,6 +205,7 @@ fn vhost_net_work_is_timed_on_a_debian_kernel() {
         &GuestImage::default_cache_dir(),
         &GuestRun {
             modules: &["vhost_net", "tun"],
+            without_btf,
             programs: &[vtrace, &lab],
             script: VHOST_SCRIPT,
             timeout: Duration::from_secs(900),
@@ -182,7 +214,7 @@ fn vhost_net_work_is_timed_on_a_debian_kernel() {
     .unwrap_or_else(|e| panic!("the Debian guest did not run: {e:#}"));
     let console = out.console.replace('\r', "");
     assert_eq!(out.status, Some(0), "the guest script failed:\n{console}");
-    for (label, via) in [("fentry", "fentry"), ("kprobe", "kprobe")] {
+    for (label, via) in runs {
         let err = between(
             &console,
             &format!("{label} ERR_BEGIN"),
@@ -267,4 +299,5 @@ fn vhost_net_work_is_timed_on_a_debian_kernel() {
         );
         assert_eq!(row("tun_sendmsg")["errors"], 0, "({label})");
     }
+    between(&console, "fentry ERR_BEGIN", "fentry ERR_END").to_string()
 }

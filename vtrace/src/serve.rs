@@ -83,6 +83,8 @@ struct Snapshot {
     drops: Vec<DropEntry>,
     programs: Vec<ProgramCost>,
     sample_every: u32,
+    /// Work functions of the function tier the run attached (see `work`).
+    work: Vec<crate::work::WorkRow>,
 }
 
 /// Cumulative bucket counts and sum of one HdrHistogram.
@@ -386,6 +388,8 @@ fn render(snap: &Snapshot, process: Option<ProcessStats>) -> String {
         );
     }
 
+    render_work(&mut e, &snap.work);
+
     if let Some(p) = process {
         e.family(
             "vtrace_process_cpu_seconds_total",
@@ -405,6 +409,81 @@ fn render(snap: &Snapshot, process: Option<ProcessStats>) -> String {
         );
     }
     e.out
+}
+
+/// Bounds of `vtrace_work_duration_seconds`: every other log2 bucket bound of the kernel's
+/// statistics, 2^10 ns (~1 us) to 2^30 ns (~1.07 s).
+const WORK_BOUND_LOG2: [u32; 11] = [10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30];
+
+/// The work functions: calls, time, a duration histogram, what they returned.
+fn render_work(e: &mut Exposition, rows: &[crate::work::WorkRow]) {
+    e.family(
+        "vtrace_work_duration_seconds",
+        "histogram",
+        "Time per call of the function tier's work functions (vhost-net handlers, tun socket calls, xen-netback actions, NAPI polls); vhost_wakeup: from work queued for the vhost worker to its handler starting. Buckets are powers of two of nanoseconds.",
+    );
+    for r in rows {
+        let base = [
+            ("function", r.function.as_str()),
+            ("module", r.module.as_str()),
+            ("via", r.via.as_str()),
+        ];
+        let with_le = |le: &str| -> Vec<(&str, String)> {
+            base.iter()
+                .map(|(k, v)| (*k, v.to_string()))
+                .chain([("le", le.to_string())])
+                .collect()
+        };
+        let mut buckets: Vec<(String, u64)> = WORK_BOUND_LOG2
+            .iter()
+            // Bucket i counts durations in [2^i, 2^(i+1)) ns: those below 2^log2 are
+            // buckets 0..log2.
+            .map(|&log2| {
+                (
+                    ns_to_seconds(1u64 << log2),
+                    r.buckets.iter().take(log2 as usize).sum(),
+                )
+            })
+            .collect();
+        buckets.push(("+Inf".into(), r.calls));
+        for (le, n) in buckets {
+            let l = with_le(&le);
+            let l: Vec<(&str, &str)> = l.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            e.sample("vtrace_work_duration_seconds_bucket", &l, n);
+        }
+        e.sample(
+            "vtrace_work_duration_seconds_sum",
+            &base,
+            r.total_ns as f64 / 1e9,
+        );
+        e.sample("vtrace_work_duration_seconds_count", &base, r.calls);
+    }
+    e.family(
+        "vtrace_work_returned_total",
+        "counter",
+        "What the work functions returned, added up: packets (NAPI polls, xenvif_tx_action), bytes (tun calls), wake-ups with work (vhost_run_work_list).",
+    );
+    for r in rows {
+        if let Some(unit) = &r.returned_unit {
+            e.sample(
+                "vtrace_work_returned_total",
+                &[("function", &r.function), ("unit", unit)],
+                r.returned,
+            );
+        }
+    }
+    e.family(
+        "vtrace_work_errors_total",
+        "counter",
+        "Work function calls that returned a negative errno.",
+    );
+    for r in rows.iter().filter(|r| r.returned_unit.is_some()) {
+        e.sample(
+            "vtrace_work_errors_total",
+            &[("function", &r.function)],
+            r.errors,
+        );
+    }
 }
 
 /// What the tracer knows now, as a snapshot.
@@ -465,6 +544,7 @@ fn snapshot(
         drops,
         programs,
         sample_every: args.sample,
+        work: tracer.work_rows()?,
     })
 }
 
@@ -778,6 +858,9 @@ mod tests {
             "vtrace_program_run_seconds_total counter",
             "vtrace_program_runs_total counter",
             "vtrace_paths gauge",
+            "vtrace_work_duration_seconds histogram",
+            "vtrace_work_returned_total counter",
+            "vtrace_work_errors_total counter",
         ] {
             assert!(text.contains(&format!("# TYPE {family}\n")), "{family}");
         }
@@ -792,6 +875,60 @@ mod tests {
             let value = line.rsplit(' ').next().unwrap_or("");
             assert!(value.parse::<f64>().is_ok(), "{line}");
         }
+    }
+
+    /// A work row becomes a cumulative histogram (log2 buckets folded into every other
+    /// bound), a returned counter in its unit and an errors counter.
+    #[test]
+    fn work_rows_are_exported_as_histograms() {
+        let mut buckets = [0u64; vtrace_common::work::WORK_BUCKETS];
+        buckets[11] = 3; // [2048, 4096) ns
+        buckets[20] = 1; // [~1.05, ~2.1) ms
+        let row = crate::work::WorkRow {
+            function: "xenvif_poll".into(),
+            module: "xen_netback".into(),
+            stage: crate::hooks::Stage::Netback,
+            via: "fentry".into(),
+            calls: 4,
+            total_ns: 3 * 3000 + 1_500_000,
+            mean_ns: 0.0,
+            p50_le_ns: 4096,
+            p99_le_ns: 2_097_152,
+            max_ns: 1_500_000,
+            returned: 100,
+            returned_unit: Some("packets".into()),
+            errors: 0,
+            unmatched: 0,
+            buckets,
+        };
+        let text = render(
+            &Snapshot {
+                work: vec![row],
+                ..Snapshot::default()
+            },
+            None,
+        );
+        let labels = "function=\"xenvif_poll\",module=\"xen_netback\",via=\"fentry\"";
+        for (le, n) in [
+            ("0.000001024", 0),
+            ("0.000004096", 3),
+            ("0.001048576", 3),
+            ("0.004194304", 4),
+            ("+Inf", 4),
+        ] {
+            let line = format!("vtrace_work_duration_seconds_bucket{{{labels},le=\"{le}\"}} {n}\n");
+            assert!(text.contains(&line), "{line}{text}");
+        }
+        assert!(text.contains(&format!(
+            "vtrace_work_duration_seconds_count{{{labels}}} 4\n"
+        )));
+        assert!(text.contains(&format!(
+            "vtrace_work_duration_seconds_sum{{{labels}}} 0.001509\n"
+        )));
+        assert!(text.contains(
+            "vtrace_work_returned_total{function=\"xenvif_poll\",unit=\"packets\"} 100\n"
+        ));
+        assert!(text.contains("vtrace_work_errors_total{function=\"xenvif_poll\"} 0\n"));
     }
 
     #[test]

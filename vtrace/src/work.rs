@@ -433,6 +433,9 @@ pub struct WorkRow {
     pub returned_unit: Option<String>,
     pub errors: u64,
     pub unmatched: u64,
+    /// The log2 buckets (see `WorkStats::buckets`), for the exporter's histogram.
+    #[serde(skip)]
+    pub buckets: [u64; WORK_BUCKETS],
 }
 
 /// The upper bound (ns) of the bucket holding quantile `q` of the calls.
@@ -491,6 +494,7 @@ pub fn rows(attached: &[(WorkFn, Attachment)], stats: &[WorkStats]) -> Vec<WorkR
                 returned_unit: unit(row.returns()).map(String::from),
                 errors: s.errors,
                 unmatched: s.unmatched,
+                buckets: s.buckets,
             })
         })
         .collect()

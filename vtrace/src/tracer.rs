@@ -787,23 +787,7 @@ mod tests {
         }
         drop(tracer);
         // Nothing of the function tier stays loaded (the kernel frees asynchronously).
-        let left = || -> Vec<(u32, String)> {
-            let new: Vec<u32> = bpf_sys::ids(bpf_cmd::BPF_PROG_GET_NEXT_ID)
-                .unwrap()
-                .into_iter()
-                .filter(|id| !before.contains(id))
-                .collect();
-            bpf_sys::prog_names(&new)
-                .into_iter()
-                .filter(|(_, n)| n.starts_with("vt_fn_"))
-                .collect()
-        };
-        for _ in 0..50 {
-            if left().is_empty() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        assert!(left().is_empty(), "left loaded: {:?}", left());
+        let left = bpf_sys::programs_left(&before, "vt_fn_");
+        assert!(left.is_empty(), "left loaded: {left:?}");
     }
 }

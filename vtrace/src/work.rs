@@ -699,17 +699,8 @@ mod tests {
             .unwrap()
             .into_iter()
             .collect();
-        let work_programs = || -> Vec<(u32, String)> {
-            let new: Vec<u32> = bpf_sys::ids(bpf_cmd::BPF_PROG_GET_NEXT_ID)
-                .unwrap()
-                .into_iter()
-                .filter(|id| !before.contains(id))
-                .collect();
-            bpf_sys::prog_names(&new)
-                .into_iter()
-                .filter(|(_, n)| n.starts_with("vt_wk_"))
-                .collect()
-        };
+        // Work programs loaded since `before`, once the kernel has freed what is going.
+        let work_programs = || bpf_sys::programs_left(&before, "vt_wk_");
         let info = Btf::vmlinux().expect("BTF");
         let mut config = vtrace_common::Config::zeroed();
         config.offsets = crate::kernel::resolve_offsets(info).expect("offsets");
@@ -733,26 +724,17 @@ mod tests {
         println!("{line}");
         assert!(!line.contains('\n'));
         if tier.attached.is_empty() {
+            let left = work_programs();
             assert!(
-                work_programs().is_empty(),
-                "refused rows left programs loaded: {:?}",
-                work_programs()
+                left.is_empty(),
+                "refused rows left programs loaded: {left:?}"
             );
         } else {
             assert!(!work_programs().is_empty());
         }
         assert_eq!(tracer.work_rows().expect("rows").len(), tier.attached.len());
         drop(tracer);
-        for _ in 0..50 {
-            if work_programs().is_empty() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        assert!(
-            work_programs().is_empty(),
-            "left loaded: {:?}",
-            work_programs()
-        );
+        let left = work_programs();
+        assert!(left.is_empty(), "left loaded: {left:?}");
     }
 }

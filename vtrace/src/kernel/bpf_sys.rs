@@ -138,6 +138,30 @@ pub fn prog_names(ids: &[u32]) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// Programs loaded since `before` (a set of program ids) whose names start with `prefix`,
+/// after waiting up to 5 s for them to go (the kernel frees programs asynchronously).
+#[cfg(test)]
+pub fn programs_left(before: &std::collections::HashSet<u32>, prefix: &str) -> Vec<(u32, String)> {
+    let left = || -> Vec<(u32, String)> {
+        let new: Vec<u32> = ids(bpf_cmd::BPF_PROG_GET_NEXT_ID)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|id| !before.contains(id))
+            .collect();
+        prog_names(&new)
+            .into_iter()
+            .filter(|(_, n)| n.starts_with(prefix))
+            .collect()
+    };
+    for _ in 0..50 {
+        if left().is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    left()
+}
+
 /// The name of an errno, as the kernel's headers spell it.
 pub fn errno_name(e: &io::Error) -> String {
     match e.raw_os_error() {

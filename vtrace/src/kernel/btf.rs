@@ -678,18 +678,7 @@ impl Btf {
     /// typedefs by name. vtrace checks the argument positions its function hooks read against
     /// this, so a kernel whose signature moved is caught, not misread.
     pub fn func_param_types(&self, name: &str) -> Result<Vec<String>, BtfError> {
-        // A module's own function first, as fentry attaches to it (see `func_id`).
-        let func = self
-            .func_id(name)
-            .and_then(|id| self.ty(id))
-            .ok_or_else(|| BtfError::StructNotFound {
-                struct_name: name.to_string(),
-                member: None,
-            })?;
-        let proto = self
-            .ty(func.raw.size_or_type)
-            .filter(|t| t.kind() == kind::FUNC_PROTO)
-            .ok_or_else(|| malformed(format!("function {name} has no prototype")))?;
+        let proto = self.func_proto(name)?;
         (0..proto.raw.vlen() as usize)
             .map(|i| Ok(self.short_type_name(proto.word(i * 2 + 1)?, 0)))
             .collect()
@@ -699,6 +688,13 @@ impl Btf {
     /// parameters (`void`, `int`, `bool`, `ssize_t`, ...). vtrace's exit programs read the
     /// return register as the type they were written for: checked against this first.
     pub fn func_return_type(&self, name: &str) -> Result<String, BtfError> {
+        let proto = self.func_proto(name)?;
+        Ok(self.short_type_name(proto.raw.size_or_type, 0))
+    }
+
+    /// The FUNC_PROTO of function `name`; a module's own function first, as fentry attaches
+    /// to it (see `func_id`).
+    fn func_proto(&self, name: &str) -> Result<Ty<'_>, BtfError> {
         let func = self
             .func_id(name)
             .and_then(|id| self.ty(id))
@@ -706,11 +702,9 @@ impl Btf {
                 struct_name: name.to_string(),
                 member: None,
             })?;
-        let proto = self
-            .ty(func.raw.size_or_type)
+        self.ty(func.raw.size_or_type)
             .filter(|t| t.kind() == kind::FUNC_PROTO)
-            .ok_or_else(|| malformed(format!("function {name} has no prototype")))?;
-        Ok(self.short_type_name(proto.raw.size_or_type, 0))
+            .ok_or_else(|| malformed(format!("function {name} has no prototype")))
     }
 
     fn short_type_name(&self, id: u32, depth: u32) -> String {

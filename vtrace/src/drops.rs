@@ -236,6 +236,7 @@ pub fn run(args: &DropsArgs) -> Result<()> {
         hooks: vec![Hook::KfreeSkb, Hook::NapiPoll],
         ring_bytes: 4096 * 4,
         functions: false,
+        work: false,
     };
     let timing = Timing {
         duration: args.timing.duration.map(Duration::from_secs_f64),

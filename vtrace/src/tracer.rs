@@ -137,6 +137,8 @@ pub struct TracerOptions {
     pub ring_bytes: u32,
     /// Also attach the function tier where the kernel allows it.
     pub functions: bool,
+    /// With `functions`, also time the work functions (see `work`).
+    pub work: bool,
 }
 
 /// Checks that the running kernel's prototype of a function hook has the packet (and the
@@ -210,7 +212,7 @@ impl Tracer {
             tracer.attached.push((*hook, how));
         }
         if opts.functions {
-            tracer.attach_functions(&btf);
+            tracer.attach_functions(&btf, opts.work);
         }
         Ok(tracer)
     }
@@ -218,7 +220,7 @@ impl Tracer {
     /// The function tier: every function hook the kernel allows, fentry first, then kprobe.
     /// A hook that cannot be attached is recorded in `refused` with the reason, and nothing
     /// of it stays loaded.
-    fn attach_functions(&mut self, btf: &Btf) {
+    fn attach_functions(&mut self, btf: &Btf, work: bool) {
         let info = match crate::kernel::btf::Btf::vmlinux() {
             Ok(i) => i,
             Err(e) => {
@@ -238,6 +240,9 @@ impl Tracer {
                 Ok(how) => self.attached.push((hook, how)),
                 Err(why) => self.refused.push((hook, why)),
             }
+        }
+        if !work {
+            return;
         }
         self.work = crate::work::WorkTier::attach_all(
             &mut self.ebpf,
@@ -752,6 +757,7 @@ mod tests {
             hooks: Vec::new(),
             ring_bytes: 1 << 16,
             functions: false,
+            work: false,
         })
         .expect("tracer starts");
         let btf = Btf::from_sys_fs().expect("BTF");

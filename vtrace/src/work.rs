@@ -709,6 +709,7 @@ mod tests {
             hooks: Vec::new(),
             ring_bytes: 1 << 16,
             functions: true,
+            work: true,
         })
         .expect("tracer starts");
         let tier = &tracer.work;

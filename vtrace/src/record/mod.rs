@@ -172,6 +172,8 @@ pub fn record(args: &RecordArgs) -> Result<()> {
         ring_bytes: args.ring_kib.saturating_mul(1024),
         // Function-tier hops only add to tracked packets' paths.
         functions: true,
+        // Record files hold hop events and drops; work statistics are not in the format.
+        work: false,
     };
     let timing = Timing {
         duration: args.duration.map(Duration::from_secs_f64),

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, Result};
 use aya::maps::{MapData, PerCpuHashMap};
 use serde::{Deserialize, Serialize};
-use vtrace_common::{driver_kind, DriverKey, DriverStats, Hook};
+use vtrace_common::{driver_kind, work::WorkFn, DriverKey, DriverStats, Hook};
 
 use crate::{kernel::kallsyms::Kallsyms, session::IfaceNamer, tracer::Tracer};
 
@@ -100,7 +100,12 @@ pub fn discovered(
             budget_exhausted: stats.budget_full,
         });
         let hook = covering_hook(&function);
+        let work = covering_work(&function);
         let tier = match (hook, key.kind) {
+            // A poll function the work tier times per call (veth_poll, virtnet_poll, ...).
+            (None, driver_kind::NAPI_POLL) if work.is_some() => {
+                work_status(tracer, work.expect("checked"))
+            }
             // The tracepoint fires after every poll round, whichever driver: it already
             // measures what a hook on the poll function would (rounds, packets, budget).
             (None, driver_kind::NAPI_POLL) => {
@@ -121,7 +126,10 @@ pub fn discovered(
                 module,
                 calls: stats.calls,
                 napi,
-                hook: hook.map(|h| h.name().to_string()),
+                hook: hook
+                    .map(|h| h.name())
+                    .or(work.map(|w| w.name()))
+                    .map(str::to_string),
                 tier,
             },
         );
@@ -134,6 +142,24 @@ pub fn discovered(
 pub fn covering_hook(symbol: &str) -> Option<Hook> {
     let base = symbol.split('.').next().unwrap_or(symbol);
     Hook::FUNCTIONS.into_iter().find(|h| h.name() == base)
+}
+
+/// The work function (see `work`) timed on `symbol`, compiler variants included.
+pub fn covering_work(symbol: &str) -> Option<WorkFn> {
+    let base = symbol.split('.').next().unwrap_or(symbol);
+    WorkFn::ALL
+        .into_iter()
+        .find(|w| !w.is_interval() && w.name() == base)
+}
+
+fn work_status(tracer: &Tracer, work: WorkFn) -> String {
+    if let Some((_, how)) = tracer.work.attached.iter().find(|(w, _)| *w == work) {
+        return format!("timed per call ({})", how.name());
+    }
+    match tracer.work.refused.iter().find(|(w, _)| *w == work) {
+        Some((_, why)) => format!("not timed: {why}; rounds by napi:napi_poll"),
+        None => "not timed (work functions not requested); rounds by napi:napi_poll".to_string(),
+    }
 }
 
 fn tier_status(tracer: &Tracer, hook: Option<Hook>) -> String {
@@ -174,8 +200,11 @@ pub fn render(found: &[DriverFunction]) -> String {
             _ => ("-".to_string(), "-".to_string()),
         };
         let tier = match &d.hook {
-            Some(h) if d.tier.starts_with("attached") => format!("{h}: {}", d.tier),
+            Some(h) if d.tier.starts_with("attached") || d.tier.starts_with("timed") => {
+                format!("{h}: {}", d.tier)
+            }
             // The reason is in the function tier's one-line summary and in --json.
+            Some(h) if d.tier.starts_with("not timed") => format!("{h}: not timed"),
             Some(h) => format!("{h}: not attached"),
             None => d.tier.clone(),
         };
@@ -201,5 +230,17 @@ mod tests {
         assert_eq!(covering_hook("tun_net_xmit.isra.0"), Some(Hook::TunNetXmit));
         assert_eq!(covering_hook("ixgbe_xmit_frame"), None);
         assert_eq!(covering_hook("0xffffffff81000000"), None);
+        // Poll functions are work functions, timed per call.
+        assert_eq!(covering_work("veth_poll"), Some(WorkFn::VethPoll));
+        assert_eq!(
+            covering_work("virtnet_poll.cold"),
+            Some(WorkFn::VirtnetPoll)
+        );
+        assert_eq!(covering_work("ixgbe_poll"), None);
+        assert_eq!(
+            covering_work("vhost_wakeup"),
+            None,
+            "an interval, not a function"
+        );
     }
 }

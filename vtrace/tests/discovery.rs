@@ -92,6 +92,14 @@ fn latency_names_each_devices_driver_functions() {
         tier.starts_with("attached (") || tier.starts_with("not attached: "),
         "{tier}"
     );
+    // A poll function the work tier times says so, or why not (refused here).
+    assert_eq!(napi["hook"], "veth_poll");
+    let tier = napi["tier"].as_str().unwrap();
+    assert!(
+        tier.starts_with("timed per call (")
+            || (tier.starts_with("not timed: ") && tier.ends_with("rounds by napi:napi_poll")),
+        "{tier}"
+    );
     drop(lab);
 }
 

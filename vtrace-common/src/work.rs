@@ -40,10 +40,17 @@ pub enum WorkFn {
     VethPoll = 11,
     /// `virtnet_poll`: virtio-net's NAPI poll (a guest's rx, or a host's virtio NIC).
     VirtnetPoll = 12,
+    /// `xenvif_rx_skb`: the guest-rx thread builds the grant copies of one packet for the guest.
+    /// Where `xenvif_rx_action` is inlined into the thread (Debian 12's 6.1), this and
+    /// `xenvif_rx_copy_flush` are what can be timed of it.
+    XenvifRxSkb = 13,
+    /// `xenvif_rx_copy_flush`: the guest-rx thread's batch of grant copies to the guest (one
+    /// hypercall), and the responses it pushes.
+    XenvifRxCopyFlush = 14,
 }
 
 /// Number of `WorkFn` rows.
-pub const WORK_FN_COUNT: usize = 13;
+pub const WORK_FN_COUNT: usize = 15;
 
 /// What a work function's return value means, and its C type.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -77,6 +84,8 @@ impl WorkFn {
         WorkFn::XenvifPoll,
         WorkFn::VethPoll,
         WorkFn::VirtnetPoll,
+        WorkFn::XenvifRxSkb,
+        WorkFn::XenvifRxCopyFlush,
     ];
 
     pub fn from_u32(v: u32) -> Option<WorkFn> {
@@ -99,6 +108,8 @@ impl WorkFn {
             WorkFn::XenvifPoll => "xenvif_poll",
             WorkFn::VethPoll => "veth_poll",
             WorkFn::VirtnetPoll => "virtnet_poll",
+            WorkFn::XenvifRxSkb => "xenvif_rx_skb",
+            WorkFn::XenvifRxCopyFlush => "xenvif_rx_copy_flush",
         }
     }
 
@@ -111,7 +122,9 @@ impl WorkFn {
             WorkFn::XenvifTxAction
             | WorkFn::XenvifRxAction
             | WorkFn::XenvifRxQueueDropExpired
-            | WorkFn::XenvifPoll => "xen_netback",
+            | WorkFn::XenvifPoll
+            | WorkFn::XenvifRxSkb
+            | WorkFn::XenvifRxCopyFlush => "xen_netback",
             WorkFn::VethPoll => "veth",
             WorkFn::VirtnetPoll => "virtio_net",
         }
@@ -126,7 +139,9 @@ impl WorkFn {
             | WorkFn::VhostHandleRx
             | WorkFn::VhostWakeup
             | WorkFn::XenvifRxAction
-            | WorkFn::XenvifRxQueueDropExpired => Returns::Nothing,
+            | WorkFn::XenvifRxQueueDropExpired
+            | WorkFn::XenvifRxSkb
+            | WorkFn::XenvifRxCopyFlush => Returns::Nothing,
             // static bool vhost_run_work_list(void *data)
             WorkFn::VhostRunWorkList => Returns::Bool,
             // static ssize_t tun_get_user(tun, tfile, msg_control, from, noblock, more)

@@ -280,6 +280,18 @@ pub const CATALOG: &[HookPoint] = &[
         "netback guest-rx thread copies packets to the guest",
     ),
     func(
+        "xenvif_rx_skb",
+        Stage::Netback,
+        "xen_netback",
+        "netback guest-rx thread builds one packet's grant copies to the guest",
+    ),
+    func(
+        "xenvif_rx_copy_flush",
+        Stage::Netback,
+        "xen_netback",
+        "netback guest-rx thread flushes a batch of grant copies to the guest",
+    ),
+    func(
         "xenvif_rx_queue_drop_expired",
         Stage::Netback,
         "xen_netback",

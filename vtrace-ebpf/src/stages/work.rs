@@ -224,6 +224,20 @@ work_fn!(
     vt_wk_virtnet_poll_kret,
     WorkFn::VirtnetPoll
 );
+work_fn!(
+    vt_wk_xenvif_rx_skb,
+    vt_wk_xenvif_rx_skb_ret,
+    vt_wk_xenvif_rx_skb_kp,
+    vt_wk_xenvif_rx_skb_kret,
+    WorkFn::XenvifRxSkb
+);
+work_fn!(
+    vt_wk_xenvif_rx_copy_flush,
+    vt_wk_xenvif_rx_copy_flush_ret,
+    vt_wk_xenvif_rx_copy_flush_kp,
+    vt_wk_xenvif_rx_copy_flush_kret,
+    WorkFn::XenvifRxCopyFlush
+);
 
 // The vhost wake-up: one program at the queueing function, one at each of vhost-net's work
 // handlers (the same program attached to each).

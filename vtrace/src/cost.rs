@@ -23,8 +23,13 @@ pub struct ProgramCost {
 
 impl ProgramCost {
     pub fn new(hook: Hook, program: &str, runs: u64, run_ns: u64) -> ProgramCost {
+        ProgramCost::labeled(hook.name(), program, runs, run_ns)
+    }
+
+    /// A program that is not one hook's (`work:<row>` for the work functions).
+    pub fn labeled(hook: &str, program: &str, runs: u64, run_ns: u64) -> ProgramCost {
         ProgramCost {
-            hook: hook.name().to_string(),
+            hook: hook.to_string(),
             program: program.to_string(),
             runs,
             run_ns,

@@ -477,6 +477,7 @@ impl Tracer {
                 info.run_time().as_nanos() as u64,
             ));
         }
+        out.extend(self.work.costs(&self.ebpf)?);
         Ok(out)
     }
 

@@ -122,9 +122,9 @@ fn locate(cx: &AttachContext, name: &str, module: &'static str) -> Result<Locate
 #[derive(Default)]
 pub struct WorkTier {
     /// fentry/fexit programs vtrace loaded itself: dropping one detaches and frees it.
-    links: Vec<prog_load::Attached>,
+    links: Vec<(WorkFn, prog_load::Attached)>,
     /// kprobe programs loaded through aya, unloaded by `detach`.
-    kprobes: Vec<String>,
+    kprobes: Vec<(WorkFn, String)>,
     /// The rows attached, and how (kept after `detach`, for the final report).
     pub attached: Vec<(WorkFn, Attachment)>,
     pub refused: Vec<(WorkFn, String)>,
@@ -202,13 +202,13 @@ impl WorkTier {
                 Ok([a, b])
             }) {
             Ok(links) => {
-                self.links.extend(links);
+                self.links.extend(links.map(|l| (row, l)));
                 return Ok(Attachment::Fentry);
             }
             Err(e) => format!("fentry: {e}"),
         };
         let symbol = self.kprobe_symbol(cx, name, &fentry_said)?;
-        self.attach_kprobes(ebpf, &[(&kentry, &[&symbol]), (&kexit, &[&symbol])])
+        self.attach_kprobes(ebpf, row, &[(&kentry, &[&symbol]), (&kexit, &[&symbol])])
             .map(|()| Attachment::Kprobe)
             .map_err(|e| format!("{fentry_said}; kprobe: {e}"))
     }
@@ -272,7 +272,8 @@ impl WorkTier {
                 Ok(links)
             }) {
             Ok(links) => {
-                self.links.extend(links);
+                self.links
+                    .extend(links.into_iter().map(|l| (WorkFn::VhostWakeup, l)));
                 return Ok(Attachment::Fentry);
             }
             Err(e) => format!("fentry: {e}"),
@@ -285,6 +286,7 @@ impl WorkTier {
         let run_refs: Vec<&str> = run_syms.iter().map(String::as_str).collect();
         self.attach_kprobes(
             ebpf,
+            WorkFn::VhostWakeup,
             &[(WAKE_QUEUE[1], &[&queue_sym]), (WAKE_RUN[1], &run_refs)],
         )
         .map(|()| Attachment::Kprobe)
@@ -308,7 +310,12 @@ impl WorkTier {
 
     /// Loads each program and attaches it at each of its symbols; on any failure every one
     /// of them is unloaded again (detaching what was attached).
-    fn attach_kprobes(&mut self, ebpf: &mut Ebpf, what: &[(&str, &[&str])]) -> Result<(), String> {
+    fn attach_kprobes(
+        &mut self,
+        ebpf: &mut Ebpf,
+        row: WorkFn,
+        what: &[(&str, &[&str])],
+    ) -> Result<(), String> {
         let mut done: Vec<String> = Vec::new();
         let result = (|| {
             for (prog, symbols) in what {
@@ -326,7 +333,7 @@ impl WorkTier {
             Ok(())
         })();
         match result {
-            Ok(()) => self.kprobes.extend(done),
+            Ok(()) => self.kprobes.extend(done.into_iter().map(|p| (row, p))),
             Err(_) => {
                 for prog in &done {
                     crate::hooks::unload_program(ebpf, prog);
@@ -339,9 +346,39 @@ impl WorkTier {
     /// Detaches everything (the rows stay listed in `attached`).
     pub fn detach(&mut self, ebpf: &mut Ebpf) {
         self.links.clear();
-        for prog in std::mem::take(&mut self.kprobes) {
+        for (_, prog) in std::mem::take(&mut self.kprobes) {
             crate::hooks::unload_program(ebpf, &prog);
         }
+    }
+
+    /// Run count and run time of every work program attached (non-zero only while BPF
+    /// statistics are on), labelled `work:<row>`.
+    pub fn costs(&self, ebpf: &Ebpf) -> Result<Vec<crate::cost::ProgramCost>> {
+        let mut out = Vec::new();
+        for (row, link) in &self.links {
+            let info = link
+                .info()
+                .map_err(|e| anyhow!("reading a {} program: {e}", row.name()))?;
+            out.push(crate::cost::ProgramCost::labeled(
+                &format!("work:{}", row.name()),
+                &info.name,
+                info.run_cnt,
+                info.run_time_ns,
+            ));
+        }
+        for (row, name) in &self.kprobes {
+            let info = ebpf
+                .program(name)
+                .ok_or_else(|| anyhow!("program {name} missing"))?
+                .info()?;
+            out.push(crate::cost::ProgramCost::labeled(
+                &format!("work:{}", row.name()),
+                name,
+                info.run_count(),
+                info.run_time().as_nanos() as u64,
+            ));
+        }
+        Ok(out)
     }
 
     /// One stderr line: which rows attached and how, and why the others did not (grouped).

@@ -129,7 +129,7 @@ fn module_functions_attach_with_fentry_on_a_debian_kernel() {
 const VHOST_SCRIPT: &str = r#"
 traced_run() {
     L=$1; T=$2; P=$3; KP=$4
-    VTRACE_KPROBES=$KP /bin/vtrace latency --json --duration 300 > /tmp/out 2> /tmp/err &
+    VTRACE_KPROBES=$KP /bin/vtrace latency --json --cost --duration 300 > /tmp/out 2> /tmp/err &
     VT=$!
     for i in $(seq 1 240); do grep -q "vtrace: attached" /tmp/err && break; sleep 0.5; done
     /bin/vtrace-lab vhost --tap $T --frames 500 --src $P.2 --dst $P.1 --linger-ms 6000 \
@@ -298,6 +298,31 @@ fn vhost_work_in_guest(without_btf: &[&str], runs: [(&str, &str); 2]) -> String 
             "tun_recvmsg's bytes ({label}): {recv}"
         );
         assert_eq!(row("tun_sendmsg")["errors"], 0, "({label})");
+        // --cost: the work programs' own run time, from the kernel's BPF statistics.
+        let costs: Vec<&Value> = report["cost"]
+            .as_array()
+            .expect("cost rows")
+            .iter()
+            .filter(|c| c["hook"].as_str().unwrap_or("").starts_with("work:"))
+            .collect();
+        for c in &costs {
+            println!(
+                "  {label}: cost {:<22} {:<16} runs {:>5}  {:>7.0} ns/run",
+                c["hook"].as_str().unwrap_or("?"),
+                c["program"].as_str().unwrap_or("?"),
+                c["runs"],
+                c["ns_per_run"].as_f64().unwrap_or(0.0)
+            );
+        }
+        let handle_tx: Vec<&&Value> = costs
+            .iter()
+            .filter(|c| c["hook"] == "work:handle_tx" && c["runs"].as_u64().unwrap_or(0) >= 1)
+            .collect();
+        assert_eq!(
+            handle_tx.len(),
+            2,
+            "entry and return programs ({label}): {costs:?}"
+        );
     }
     between(&console, "fentry ERR_BEGIN", "fentry ERR_END").to_string()
 }

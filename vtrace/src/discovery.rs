@@ -43,12 +43,12 @@ pub struct NapiRounds {
 }
 
 /// A row of the kernel's discovery map, summed over CPUs.
-struct Row {
-    key: DriverKey,
-    stats: DriverStats,
+pub(crate) struct Row {
+    pub key: DriverKey,
+    pub stats: DriverStats,
 }
 
-fn read_rows(tracer: &Tracer) -> Result<Vec<Row>> {
+pub(crate) fn read_rows(tracer: &Tracer) -> Result<Vec<Row>> {
     let map = tracer
         .map("DRIVERS")
         .ok_or_else(|| anyhow!("DRIVERS map missing from the object"))?;
@@ -101,7 +101,15 @@ pub fn discovered(
         });
         let hook = covering_hook(&function);
         let work = covering_work(&function);
+        let found_at_run_time = tracer.work.drivers.iter().find(|d| d.addr == stats.func);
         let tier = match (hook, key.kind) {
+            // A driver function found at run time and timed per call (or why not).
+            (None, _) if found_at_run_time.is_some() => {
+                match &found_at_run_time.expect("checked").result {
+                    Ok(how) => format!("timed per call ({})", how.name()),
+                    Err(why) => format!("not timed: {why}"),
+                }
+            }
             // A poll function the work tier times per call (veth_poll, virtnet_poll, ...).
             (None, driver_kind::NAPI_POLL) if work.is_some() => {
                 work_status(tracer, work.expect("checked"))
@@ -129,7 +137,8 @@ pub fn discovered(
                 hook: hook
                     .map(|h| h.name())
                     .or(work.map(|w| w.name()))
-                    .map(str::to_string),
+                    .map(str::to_string)
+                    .or(found_at_run_time.map(|d| d.function.clone())),
                 tier,
             },
         );

@@ -19,6 +19,8 @@ use crate::{
 /// How often the event ring buffer is drained. At 80 bytes an event, the default 4 MiB ring
 /// holds about 52,000 events: 5 million events a second before anything is lost.
 pub const DRAIN_EVERY: Duration = Duration::from_millis(10);
+/// How often the discovery map is read for driver functions to time (see `Tracer::time_discovered_drivers`).
+pub const DISCOVER_EVERY: Duration = Duration::from_millis(250);
 /// Events handled per drain tick at most, before the loop looks at signals again.
 const DRAIN_BATCH: usize = 65_536;
 
@@ -100,6 +102,9 @@ pub async fn run(
     // microseconds, more than the hop itself): the ring is drained on a short timer instead.
     let mut drain = tokio::time::interval(DRAIN_EVERY);
     drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Driver functions the devices show are timed soon after they are first seen.
+    let mut discover = tokio::time::interval(DISCOVER_EVERY);
+    discover.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let started = Instant::now();
     let deadline = timing.duration.map(|d| tokio::time::Instant::now() + d);
     let mut tick = tokio::time::interval_at(
@@ -129,6 +134,11 @@ pub async fn run(
                         tracer.received += 1;
                         on_event(&ev);
                     }
+                }
+            }
+            _ = discover.tick() => {
+                for line in tracer.time_discovered_drivers() {
+                    eprintln!("vtrace: {line}");
                 }
             }
             _ = tick.tick() => {

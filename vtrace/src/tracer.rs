@@ -127,6 +127,13 @@ pub struct Tracer {
     final_costs: Option<Vec<crate::cost::ProgramCost>>,
     /// The work functions timed with the function tier (see `work`).
     pub work: crate::work::WorkTier,
+    /// Whether the work functions, and the driver functions found at run time, are timed.
+    work_enabled: bool,
+    /// vtrace's object relocated against this tracer's maps, for the programs vtrace loads
+    /// itself; made before the ring buffer is taken out of `ebpf`.
+    linker: LazyLinker,
+    /// /proc/kallsyms, read when a driver function is first found.
+    kallsyms: Option<crate::kernel::kallsyms::Kallsyms>,
 }
 
 /// Options for [`Tracer::start`].
@@ -206,6 +213,9 @@ impl Tracer {
             received: 0,
             final_costs: None,
             work: Default::default(),
+            work_enabled: opts.functions && opts.work,
+            linker: LazyLinker::default(),
+            kallsyms: None,
         };
         for hook in &opts.hooks {
             let how = tracer.attach(*hook, &btf)?;
@@ -234,26 +244,70 @@ impl Tracer {
         let kprobes = crate::hooks::kprobe_support();
         let kallsyms = crate::kernel::kallsyms::Kallsyms::load().ok();
         // The object relocated against this Tracer's maps, made on the first module function.
-        let mut linker = LazyLinker::default();
+        let mut linker = std::mem::take(&mut self.linker);
+        if work {
+            // Driver functions are found and attached later, after the ring buffer has been
+            // taken out of `ebpf`: the linker needs every map, so it is made now.
+            if let Err(e) = linker.get(&self.ebpf, btf) {
+                eprintln!("vtrace: driver functions will not be timed: {e}");
+            }
+        }
         for hook in Hook::FUNCTIONS {
             match self.attach_function(hook, btf, info, &kprobes, kallsyms.as_ref(), &mut linker) {
                 Ok(how) => self.attached.push((hook, how)),
                 Err(why) => self.refused.push((hook, why)),
             }
         }
-        if !work {
-            return;
+        if work {
+            self.work = crate::work::WorkTier::attach_all(
+                &mut self.ebpf,
+                &mut linker,
+                &crate::work::AttachContext {
+                    btf,
+                    vmlinux: info,
+                    kprobes: &kprobes,
+                    kallsyms: kallsyms.as_ref(),
+                },
+            );
         }
-        self.work = crate::work::WorkTier::attach_all(
-            &mut self.ebpf,
-            &mut linker,
-            &crate::work::AttachContext {
-                btf,
-                vmlinux: info,
-                kprobes: &kprobes,
-                kallsyms: kallsyms.as_ref(),
-            },
-        );
+        self.linker = linker;
+    }
+
+    /// Times the driver functions the discovery hooks have found on the devices since the
+    /// last call (see `WorkTier::time_drivers`); returns a line per function tried.
+    pub fn time_discovered_drivers(&mut self) -> Vec<String> {
+        if !self.work_enabled {
+            return Vec::new();
+        }
+        let Ok(rows) = crate::discovery::read_rows(self) else {
+            return Vec::new();
+        };
+        let found: Vec<(u64, &'static str, String)> = rows
+            .iter()
+            .filter(|r| !self.work.drivers.iter().any(|d| d.addr == r.stats.func))
+            .filter_map(|r| {
+                let role = match r.key.kind {
+                    vtrace_common::driver_kind::XMIT => "ndo_start_xmit",
+                    vtrace_common::driver_kind::NAPI_POLL => "napi_poll",
+                    _ => return None,
+                };
+                Some((r.stats.func, role, crate::ifname(&r.stats.ifname)))
+            })
+            .collect();
+        if found.is_empty() {
+            return Vec::new();
+        }
+        if self.kallsyms.is_none() {
+            self.kallsyms = crate::kernel::kallsyms::Kallsyms::load().ok();
+        }
+        let (Some(kallsyms), Some(linker), Ok(vmlinux)) = (
+            self.kallsyms.as_ref(),
+            self.linker.ready(),
+            crate::kernel::btf::Btf::vmlinux(),
+        ) else {
+            return Vec::new();
+        };
+        self.work.time_drivers(linker, vmlinux, kallsyms, &found)
     }
 
     fn attach_function(
@@ -495,15 +549,16 @@ impl Tracer {
         }
     }
 
-    /// The work functions' report rows so far (see `work`).
+    /// The work functions' report rows so far (see `work`), then the driver functions timed.
     pub fn work_rows(&self) -> Result<Vec<crate::work::WorkRow>> {
-        if self.work.attached.is_empty() {
-            return Ok(Vec::new());
+        let mut rows = Vec::new();
+        if !self.work.attached.is_empty() {
+            rows = crate::work::rows(&self.work.attached, &crate::work::read(&self.ebpf)?);
         }
-        Ok(crate::work::rows(
-            &self.work.attached,
-            &crate::work::read(&self.ebpf)?,
-        ))
+        if let Some(kallsyms) = &self.kallsyms {
+            rows.extend(self.work.driver_rows(&self.ebpf, kallsyms)?);
+        }
+        Ok(rows)
     }
 
     /// One of the object's maps, to read (see `discovery`).
@@ -574,6 +629,11 @@ impl LazyLinker {
             })
             .as_ref()
             .map_err(|e| e.clone())
+    }
+
+    /// The linker if it has been made (by `get`).
+    pub fn ready(&self) -> Option<&crate::kernel::prog_load::Linker> {
+        self.0.as_ref().and_then(|r| r.as_ref().ok())
     }
 }
 

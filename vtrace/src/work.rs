@@ -11,7 +11,7 @@
 
 use anyhow::{anyhow, Result};
 use aya::{
-    maps::{MapData, PerCpuArray},
+    maps::{MapData, PerCpuArray, PerCpuHashMap},
     programs::KProbe,
     Btf as AyaBtf, Ebpf,
 };
@@ -128,6 +128,23 @@ pub struct WorkTier {
     /// The rows attached, and how (kept after `detach`, for the final report).
     pub attached: Vec<(WorkFn, Attachment)>,
     pub refused: Vec<(WorkFn, String)>,
+    /// Driver functions found at run time (see `time_drivers`), by function address.
+    pub drivers: Vec<DriverTimed>,
+    /// fentry/fexit pairs on driver functions.
+    driver_links: Vec<prog_load::Attached>,
+}
+
+/// A driver function found serving a device at run time, and whether it is timed.
+#[derive(Clone, Debug)]
+pub struct DriverTimed {
+    /// Its address, as the device's function pointer holds it.
+    pub addr: u64,
+    pub function: String,
+    pub module: Option<String>,
+    /// `ndo_start_xmit` or `napi_poll`.
+    pub role: &'static str,
+    /// `Ok(fentry)` when timed, else why not.
+    pub result: Result<Attachment, String>,
 }
 
 /// What one attach attempt needs from the tracer.
@@ -346,6 +363,7 @@ impl WorkTier {
     /// Detaches everything (the rows stay listed in `attached`).
     pub fn detach(&mut self, ebpf: &mut Ebpf) {
         self.links.clear();
+        self.driver_links.clear();
         for (_, prog) in std::mem::take(&mut self.kprobes) {
             crate::hooks::unload_program(ebpf, &prog);
         }
@@ -379,6 +397,127 @@ impl WorkTier {
             ));
         }
         Ok(out)
+    }
+
+    /// Times the driver functions the discovery hooks found on the devices so far (a device's
+    /// `ndo_start_xmit` and NAPI poll, read at run time: `ixgbe_xmit_frame`, `dummy_xmit`,
+    /// `e1000e_poll`, ...) that no catalog hook or work row covers: the generic fentry/fexit
+    /// pair `vt_wk_driver`, loaded once per function, keyed in the kernel by the function's
+    /// address. Each function is tried once; returns one line per function tried now.
+    pub fn time_drivers(
+        &mut self,
+        linker: &prog_load::Linker,
+        vmlinux: &Btf,
+        kallsyms: &Kallsyms,
+        found: &[(u64, &'static str, String)],
+    ) -> Vec<String> {
+        let mut said = Vec::new();
+        for (addr, role, iface) in found {
+            if self.drivers.iter().any(|d| d.addr == *addr) {
+                continue;
+            }
+            let Some(sym) = kallsyms.symbolize(*addr).filter(|s| s.offset == 0) else {
+                continue;
+            };
+            let (function, module) = (sym.name.to_string(), sym.module.map(str::to_string));
+            if crate::discovery::covering_hook(&function).is_some()
+                || crate::discovery::covering_work(&function).is_some()
+            {
+                continue;
+            }
+            let result = crate::tracer::fentry_skipped()
+                .map(|s| format!("fentry: {s}; kprobes are not used for driver functions"))
+                .map_or(Ok(()), Err)
+                .and_then(|()| self.time_driver(linker, vmlinux, &function, module.as_deref()));
+            said.push(match &result {
+                Ok(()) => format!(
+                    "driver function {function} ({role} of {iface}): timed per call (fentry)"
+                ),
+                Err(why) => {
+                    format!("driver function {function} ({role} of {iface}): not timed: {why}")
+                }
+            });
+            self.drivers.push(DriverTimed {
+                addr: *addr,
+                function,
+                module,
+                role,
+                result: result.map(|()| Attachment::Fentry),
+            });
+        }
+        said
+    }
+
+    fn time_driver(
+        &mut self,
+        linker: &prog_load::Linker,
+        vmlinux: &Btf,
+        function: &str,
+        module: Option<&str>,
+    ) -> Result<(), String> {
+        let module_btf;
+        let (btf, module) = if vmlinux.has_func(function) {
+            (vmlinux, None)
+        } else {
+            let m = module.ok_or_else(|| format!("{function} is not in the kernel's BTF"))?;
+            module_btf = Btf::module(m, vmlinux)
+                .map_err(|e| format!("module {m} has no readable BTF: {e}"))?;
+            (&module_btf, Some(m))
+        };
+        let pair = [
+            ("vt_wk_driver", bpf_attach_type::BPF_TRACE_FENTRY),
+            ("vt_wk_driver_ret", bpf_attach_type::BPF_TRACE_FEXIT),
+        ]
+        .map(|(prog, how)| prog_load::tracing_at(linker, prog, how, function, btf, module));
+        match pair {
+            [Ok(a), Ok(b)] => {
+                self.driver_links.extend([a, b]);
+                Ok(())
+            }
+            [Err(e), _] | [_, Err(e)] => Err(format!("fentry: {}", e.message)),
+        }
+    }
+
+    /// The timed driver functions' report rows, from `DRIVER_STATS` (keyed by the address
+    /// the kernel's `bpf_get_func_ip` gives, named back through kallsyms).
+    pub fn driver_rows(&self, ebpf: &Ebpf, kallsyms: &Kallsyms) -> Result<Vec<WorkRow>> {
+        let timed: Vec<&DriverTimed> = self.drivers.iter().filter(|d| d.result.is_ok()).collect();
+        if timed.is_empty() {
+            return Ok(Vec::new());
+        }
+        let map = ebpf
+            .map("DRIVER_STATS")
+            .ok_or_else(|| anyhow!("DRIVER_STATS map missing from the object"))?;
+        let stats: PerCpuHashMap<&MapData, u64, WorkStats> = PerCpuHashMap::try_from(map)?;
+        let mut by_function: Vec<(&DriverTimed, WorkStats)> =
+            timed.iter().map(|d| (*d, WorkStats::zeroed())).collect();
+        for item in stats.iter() {
+            let (ip, per_cpu) = item?;
+            let Some(name) = kallsyms.symbolize(ip).map(|s| s.name) else {
+                continue;
+            };
+            if let Some((_, s)) = by_function.iter_mut().find(|(d, _)| d.function == name) {
+                *s = sum([*s].iter().chain(per_cpu.iter()));
+            }
+        }
+        Ok(by_function
+            .into_iter()
+            .map(|(d, s)| {
+                let stage = if d.role == "napi_poll" {
+                    crate::hooks::Stage::NicRx
+                } else {
+                    crate::hooks::Stage::DriverXmit
+                };
+                row_of(
+                    &d.function,
+                    d.module.as_deref().unwrap_or("vmlinux"),
+                    stage,
+                    Attachment::Fentry,
+                    &s,
+                    None,
+                )
+            })
+            .collect())
     }
 
     /// One stderr line: which rows attached and how, and why the others did not (grouped).
@@ -513,28 +652,43 @@ pub fn rows(attached: &[(WorkFn, Attachment)], stats: &[WorkStats]) -> Vec<WorkR
                 .map(|h| h.stage)
                 .unwrap_or(crate::hooks::Stage::TapVhost);
             Some(WorkRow {
-                function: row.name().to_string(),
-                module: row.module().to_string(),
-                stage,
-                via: how.name().to_string(),
-                calls: s.calls,
-                total_ns: s.total_ns,
-                mean_ns: if s.calls > 0 {
-                    s.total_ns as f64 / s.calls as f64
-                } else {
-                    0.0
-                },
-                p50_le_ns: quantile_le(&s.buckets, 0.50),
-                p99_le_ns: quantile_le(&s.buckets, 0.99),
-                max_ns: s.max_ns,
-                returned: s.returned,
                 returned_unit: unit(row.returns()).map(String::from),
-                errors: s.errors,
-                unmatched: s.unmatched,
-                buckets: s.buckets,
+                ..row_of(row.name(), row.module(), stage, *how, s, None)
             })
         })
         .collect()
+}
+
+/// A report row from summed statistics.
+fn row_of(
+    function: &str,
+    module: &str,
+    stage: crate::hooks::Stage,
+    how: Attachment,
+    s: &WorkStats,
+    returned_unit: Option<String>,
+) -> WorkRow {
+    WorkRow {
+        function: function.to_string(),
+        module: module.to_string(),
+        stage,
+        via: how.name().to_string(),
+        calls: s.calls,
+        total_ns: s.total_ns,
+        mean_ns: if s.calls > 0 {
+            s.total_ns as f64 / s.calls as f64
+        } else {
+            0.0
+        },
+        p50_le_ns: quantile_le(&s.buckets, 0.50),
+        p99_le_ns: quantile_le(&s.buckets, 0.99),
+        max_ns: s.max_ns,
+        returned: s.returned,
+        returned_unit,
+        errors: s.errors,
+        unmatched: s.unmatched,
+        buckets: s.buckets,
+    }
 }
 
 /// The human table (empty when nothing was attached).

@@ -119,6 +119,28 @@ fn module_functions_attach_with_fentry_on_a_debian_kernel() {
         joined >= 10,
         "expected most of the 20 pings' paths through br_dev_xmit, got {joined}:\n{report}"
     );
+    // The dummy port's driver function, found from the device at run time (no catalog hook
+    // has it), is timed per call from then on by the generic fentry/fexit pair.
+    assert!(
+        err.contains("driver function dummy_xmit (ndo_start_xmit of vtd0): timed per call (fentry)"),
+        "dummy_xmit was not timed:\n{err}"
+    );
+    let dummy = report["work"]
+        .as_array()
+        .expect("work rows")
+        .iter()
+        .find(|r| r["function"] == "dummy_xmit")
+        .unwrap_or_else(|| panic!("no dummy_xmit work row:\n{report}"));
+    println!("dummy_xmit: {dummy}");
+    assert_eq!(dummy["stage"], "driver_xmit");
+    assert!(dummy["calls"].as_u64().unwrap() >= 5, "{dummy}");
+    let row = report["drivers"]
+        .as_array()
+        .expect("driver rows")
+        .iter()
+        .find(|d| d["iface"] == "vtd0" && d["role"] == "ndo_start_xmit")
+        .unwrap_or_else(|| panic!("no vtd0 driver row:\n{report}"));
+    assert_eq!(row["tier"], "timed per call (fentry)", "{row}");
 }
 
 /// Inside the guest, twice (fentry, then `VTRACE_KPROBES=1` for the kprobe fallback): vtrace

@@ -11,10 +11,11 @@
 //! so a slot write and a per-CPU statistics update is all they cost.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_func_ip, bpf_ktime_get_ns},
     macros::{fentry, fexit, kprobe, kretprobe, map},
-    maps::{LruHashMap, PerCpuArray},
+    maps::{LruHashMap, PerCpuArray, PerCpuHashMap},
     programs::{FEntryContext, FExitContext, ProbeContext, RetProbeContext},
+    EbpfContext,
 };
 use vtrace_common::work::{
     Returns, WorkEntry, WorkFn, WorkStats, WAKEUP_QUEUE_WORK_ARG, WAKEUP_RUN_WORK_ARG,
@@ -288,5 +289,61 @@ pub fn vt_wk_vhost_queue_kp(ctx: ProbeContext) -> u32 {
 #[kprobe]
 pub fn vt_wk_vhost_run_kp(ctx: ProbeContext) -> u32 {
     wake_runs(ctx.arg(WAKEUP_RUN_WORK_ARG).unwrap_or(0));
+    0
+}
+
+// Driver functions found at run time (the `ndo_start_xmit` and NAPI poll functions the
+// discovery hooks read from the devices, see drivers.rs): one generic pair of programs, loaded
+// once per function by the loader, keyed by the traced function's address
+// (`bpf_get_func_ip`, 5.15+), which userspace names from /proc/kallsyms.
+
+/// Per CPU and function address: the call in progress.
+#[map]
+pub static DRIVER_ENTRY: PerCpuHashMap<u64, WorkEntry> = PerCpuHashMap::with_max_entries(256, 0);
+
+/// Per CPU and function address: calls and time.
+#[map]
+pub static DRIVER_STATS: PerCpuHashMap<u64, WorkStats> = PerCpuHashMap::with_max_entries(256, 0);
+
+#[fentry]
+pub fn vt_wk_driver(ctx: FEntryContext) -> i32 {
+    // SAFETY: the helper reads the trampoline's saved address of the traced function.
+    let ip = unsafe { bpf_get_func_ip(ctx.as_ptr()) };
+    let entry = WorkEntry {
+        task: bpf_get_current_pid_tgid(),
+        entered_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    let _ = DRIVER_ENTRY.insert(&ip, &entry, 0);
+    0
+}
+
+#[fexit]
+pub fn vt_wk_driver_ret(ctx: FExitContext) -> i32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    // SAFETY: as at entry.
+    let ip = unsafe { bpf_get_func_ip(ctx.as_ptr()) };
+    let task = bpf_get_current_pid_tgid();
+    let stats = match DRIVER_STATS.get_ptr_mut(&ip) {
+        Some(s) => s,
+        None => {
+            let _ = DRIVER_STATS.insert(&ip, &WorkStats::zeroed(), BPF_NOEXIST);
+            match DRIVER_STATS.get_ptr_mut(&ip) {
+                Some(s) => s,
+                None => return 0,
+            }
+        }
+    };
+    // SAFETY: this CPU's value of a per-CPU map; a program runs to completion on its CPU.
+    let stats = unsafe { &mut *stats };
+    match DRIVER_ENTRY.get_ptr_mut(&ip) {
+        // SAFETY: as above.
+        Some(e) if unsafe { (*e).entered_ns != 0 && (*e).task == task } => {
+            let entry = unsafe { &mut *e };
+            let ns = now.saturating_sub(entry.entered_ns);
+            entry.entered_ns = 0;
+            record(stats, ns);
+        }
+        _ => stats.unmatched += 1,
+    }
     0
 }

@@ -43,6 +43,10 @@ pub struct DropEntry {
     pub location: String,
     pub count: u64,
     pub reason_code: u32,
+    /// The data-path stage the dropping function belongs to (see `hooks::stage_of_function`),
+    /// when it is one of the stages vtrace knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<crate::hooks::Stage>,
     /// `at_drop`: skb->dev when it was dropped; `arrival`: it had none then, and this is the
     /// device it last arrived on (skb->skb_iif). Only `arrival` is written out.
     #[serde(skip_serializing_if = "is_at_drop")]
@@ -122,6 +126,12 @@ impl Resolver {
         }
     }
 
+    /// The stage of the function holding `addr` (where kfree_skb was called from).
+    fn stage(&self, addr: u64) -> Option<crate::hooks::Stage> {
+        let sym = self.kallsyms.as_ref()?.symbolize(addr)?;
+        crate::hooks::stage_of_function(sym.name, sym.module)
+    }
+
     pub fn entries(
         &mut self,
         rows: &BTreeMap<DropRow, u64>,
@@ -156,6 +166,7 @@ impl Resolver {
                 continue;
             }
             let location = self.location(row.location);
+            let stage = self.stage(row.location);
             let e = out
                 .entry((iface.clone(), reason.clone(), location.clone()))
                 .or_insert(DropEntry {
@@ -164,6 +175,7 @@ impl Resolver {
                     location,
                     count: 0,
                     reason_code: row.reason,
+                    stage,
                     device: if row.arrival { "arrival" } else { "at_drop" },
                 });
             e.count += count;
@@ -330,7 +342,7 @@ pub fn render(r: &DropsReport) -> String {
     );
     let _ = writeln!(
         s,
-        "{:<24} {:<28} {:<36} {:>10}",
+        "{:<24} {:<28} {:<36} {:>10}  stage",
         "iface", "reason", "location", "count"
     );
     for d in &r.drops {
@@ -340,9 +352,16 @@ pub fn render(r: &DropsReport) -> String {
         } else {
             d.iface.clone()
         };
+        let stage = match d.stage {
+            Some(st) => serde_json::to_value(st)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            None => "-".to_string(),
+        };
         let _ = writeln!(
             s,
-            "{:<24} {:<28} {:<36} {:>10}",
+            "{:<24} {:<28} {:<36} {:>10}  {stage}",
             iface, d.reason, d.location, d.count
         );
     }

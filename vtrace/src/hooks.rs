@@ -337,6 +337,48 @@ pub const CATALOG: &[HookPoint] = &[
     },
 ];
 
+/// The stage a kernel function belongs to, for naming where a drop happened: a catalogued
+/// function's own stage (compiler variants included), else its module's, else a prefix the
+/// stage's built-in functions share (bridge, tun and veth are built in on some kernels).
+pub fn stage_of_function(name: &str, module: Option<&str>) -> Option<Stage> {
+    let base = name.split('.').next().unwrap_or(name);
+    if let Some(hp) = CATALOG
+        .iter()
+        .find(|h| h.tier == Tier::Function && h.name == base)
+    {
+        return Some(hp.stage);
+    }
+    const BY_MODULE_OR_PREFIX: [(&str, &str, Stage); 7] = [
+        ("bridge", "br_", Stage::Bridge),
+        ("tun", "tun_", Stage::TapVhost),
+        ("tap", "tap_", Stage::TapVhost),
+        ("vhost_net", "vhost_net_", Stage::TapVhost),
+        ("xen_netback", "xenvif_", Stage::Netback),
+        ("veth", "veth_", Stage::Veth),
+        ("virtio_net", "virtnet_", Stage::VirtioNet),
+    ];
+    BY_MODULE_OR_PREFIX
+        .iter()
+        .find(|(m, prefix, _)| match module {
+            Some(module) => module == *m,
+            None => base.starts_with(prefix),
+        })
+        .map(|(_, _, stage)| *stage)
+}
+
+/// [`stage_of_function`] for a location as vtrace writes it: `name+0x1b3 [module]`.
+pub fn stage_of_location(location: &str) -> Option<Stage> {
+    let (symbol, module) = match location.split_once(" [") {
+        Some((s, m)) => (s, Some(m.trim_end_matches(']'))),
+        None => (location, None),
+    };
+    let name = symbol.split('+').next().unwrap_or(symbol);
+    if name.starts_with("0x") {
+        return None;
+    }
+    stage_of_function(name, module)
+}
+
 /// A hook's status on the running kernel.
 #[derive(Clone, Debug, Serialize)]
 pub struct HookStatus {
@@ -739,6 +781,32 @@ pub fn errno_name(n: i32) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn drop_locations_name_their_stage() {
+        assert_eq!(
+            stage_of_location("tun_net_xmit+0x1b3"),
+            Some(Stage::TapVhost)
+        );
+        assert_eq!(
+            stage_of_location("xenvif_kthread_guest_rx+0x2c1 [xen_netback]"),
+            Some(Stage::Netback)
+        );
+        assert_eq!(
+            stage_of_location("br_handle_frame_finish+0x40 [bridge]"),
+            Some(Stage::Bridge)
+        );
+        // Built in: the stage's prefix.
+        assert_eq!(stage_of_location("br_flood+0x12"), Some(Stage::Bridge));
+        assert_eq!(
+            stage_of_location("veth_xdp_rcv.isra.0+0x9"),
+            Some(Stage::Veth)
+        );
+        assert_eq!(stage_of_location("udp_queue_rcv_one_skb+0x12"), None);
+        assert_eq!(stage_of_location("0xffffffffc0a01234"), None);
+        // A module function outside the known stages is not guessed from its name.
+        assert_eq!(stage_of_location("br_thing+0x1 [other]"), None);
+    }
 
     #[test]
     fn functions_without_a_program_say_what_covers_them() {

@@ -836,6 +836,7 @@ mod tests {
                 count: 3,
                 reason_code: 3,
                 device: "at_drop",
+                stage: None,
             }],
             sample_every: 16,
             ..Snapshot::default()

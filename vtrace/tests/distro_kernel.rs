@@ -122,7 +122,9 @@ fn module_functions_attach_with_fentry_on_a_debian_kernel() {
     // The dummy port's driver function, found from the device at run time (no catalog hook
     // has it), is timed per call from then on by the generic fentry/fexit pair.
     assert!(
-        err.contains("driver function dummy_xmit (ndo_start_xmit of vtd0): timed per call (fentry)"),
+        err.contains(
+            "driver function dummy_xmit (ndo_start_xmit of vtd0): timed per call (fentry)"
+        ),
         "dummy_xmit was not timed:\n{err}"
     );
     let dummy = report["work"]

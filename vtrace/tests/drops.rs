@@ -254,6 +254,12 @@ fn full_ring_drops_match_the_taps_tx_dropped() {
     );
     assert_eq!(entry["mismatch"], false, "{entry}");
     assert_eq!(report["failed_map_inserts"], 0);
+    // Where: tun's transmit, the tap/vhost stage.
+    for d in report["drops"].as_array().expect("drops") {
+        if d["reason"] == "FULL_RING" && d["iface"] == v.tap_in.as_str() {
+            assert_eq!(d["stage"], "tap_vhost", "{d}");
+        }
+    }
 }
 
 /// A bridge-family nftables rule dropping UDP to port 7777 from the native sender's port: each

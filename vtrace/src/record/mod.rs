@@ -440,6 +440,7 @@ fn drops_report(trailer: Option<&Trailer>, duration_s: f64, counters: &Counters)
             location: d.location.clone(),
             count: d.count,
             reason_code: d.reason_code,
+            stage: crate::hooks::stage_of_location(&d.location),
             device: if d.arrival { "arrival" } else { "at_drop" },
         })
         .collect();

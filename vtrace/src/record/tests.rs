@@ -391,6 +391,8 @@ fn xen_dom0_replays_to_exact_edges_paths_and_drops() {
             2
         )
     );
+    // Named to netback's stage from its location.
+    assert_eq!(d.drops[0].stage, Some(crate::hooks::Stage::Netback));
     assert_eq!(d.kfree_skb_calls, 7);
     assert_eq!(d.duration_s, 4.0);
     // The driver table comes back from the trailer.

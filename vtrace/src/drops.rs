@@ -88,7 +88,7 @@ pub struct DropsReport {
 /// Turns raw kernel rows and counter deltas into the report.
 pub struct Resolver {
     reasons: BTreeMap<u32, String>,
-    kallsyms: Option<Kallsyms>,
+    kallsyms: Option<&'static Kallsyms>,
     namer: IfaceNamer,
     arrival_names: HashMap<(u32, u32), String>,
 }
@@ -99,14 +99,14 @@ impl Resolver {
         &mut self,
         tracer: &crate::tracer::Tracer,
     ) -> Result<Vec<crate::discovery::DriverFunction>> {
-        crate::discovery::discovered(tracer, &mut self.namer, self.kallsyms.as_ref())
+        crate::discovery::discovered(tracer, &mut self.namer, self.kallsyms)
     }
 
     pub fn new() -> Result<Resolver> {
         let btf = kernel::btf::Btf::vmlinux().map_err(anyhow::Error::msg)?;
         Ok(Resolver {
             reasons: kernel::drop_reasons(btf)?,
-            kallsyms: Kallsyms::load().ok(),
+            kallsyms: Kallsyms::shared(),
             namer: IfaceNamer::new(),
             arrival_names: HashMap::new(),
         })
@@ -128,7 +128,7 @@ impl Resolver {
 
     /// The stage of the function holding `addr` (where kfree_skb was called from).
     fn stage(&self, addr: u64) -> Option<crate::hooks::Stage> {
-        let sym = self.kallsyms.as_ref()?.symbolize(addr)?;
+        let sym = self.kallsyms?.symbolize(addr)?;
         crate::hooks::stage_of_function(sym.name, sym.module)
     }
 

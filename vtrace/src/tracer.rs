@@ -132,8 +132,6 @@ pub struct Tracer {
     /// vtrace's object relocated against this tracer's maps, for the programs vtrace loads
     /// itself; made before the ring buffer is taken out of `ebpf`.
     linker: LazyLinker,
-    /// /proc/kallsyms, read when a driver function is first found.
-    kallsyms: Option<crate::kernel::kallsyms::Kallsyms>,
 }
 
 /// Options for [`Tracer::start`].
@@ -215,7 +213,6 @@ impl Tracer {
             work: Default::default(),
             work_enabled: opts.functions && opts.work,
             linker: LazyLinker::default(),
-            kallsyms: None,
         };
         for hook in &opts.hooks {
             let how = tracer.attach(*hook, &btf)?;
@@ -242,7 +239,7 @@ impl Tracer {
             }
         };
         let kprobes = crate::hooks::kprobe_support();
-        let kallsyms = crate::kernel::kallsyms::Kallsyms::load().ok();
+        let kallsyms = crate::kernel::kallsyms::Kallsyms::shared();
         // The object relocated against this Tracer's maps, made on the first module function.
         let mut linker = std::mem::take(&mut self.linker);
         if work {
@@ -253,7 +250,7 @@ impl Tracer {
             }
         }
         for hook in Hook::FUNCTIONS {
-            match self.attach_function(hook, btf, info, &kprobes, kallsyms.as_ref(), &mut linker) {
+            match self.attach_function(hook, btf, info, &kprobes, kallsyms, &mut linker) {
                 Ok(how) => self.attached.push((hook, how)),
                 Err(why) => self.refused.push((hook, why)),
             }
@@ -266,7 +263,7 @@ impl Tracer {
                     btf,
                     vmlinux: info,
                     kprobes: &kprobes,
-                    kallsyms: kallsyms.as_ref(),
+                    kallsyms,
                 },
             );
         }
@@ -284,7 +281,7 @@ impl Tracer {
         };
         let found: Vec<(u64, &'static str, String)> = rows
             .iter()
-            .filter(|r| !self.work.drivers.iter().any(|d| d.addr == r.stats.func))
+            .filter(|r| r.stats.func != 0 && !self.work.examined(r.stats.func))
             .filter_map(|r| {
                 let role = match r.key.kind {
                     vtrace_common::driver_kind::XMIT => "ndo_start_xmit",
@@ -297,11 +294,8 @@ impl Tracer {
         if found.is_empty() {
             return Vec::new();
         }
-        if self.kallsyms.is_none() {
-            self.kallsyms = crate::kernel::kallsyms::Kallsyms::load().ok();
-        }
         let (Some(kallsyms), Some(linker), Ok(vmlinux)) = (
-            self.kallsyms.as_ref(),
+            crate::kernel::kallsyms::Kallsyms::shared(),
             self.linker.ready(),
             crate::kernel::btf::Btf::vmlinux(),
         ) else {
@@ -555,8 +549,10 @@ impl Tracer {
         if !self.work.attached.is_empty() {
             rows = crate::work::rows(&self.work.attached, &crate::work::read(&self.ebpf)?);
         }
-        if let Some(kallsyms) = &self.kallsyms {
-            rows.extend(self.work.driver_rows(&self.ebpf, kallsyms)?);
+        if !self.work.drivers.is_empty() {
+            if let Some(kallsyms) = crate::kernel::kallsyms::Kallsyms::shared() {
+                rows.extend(self.work.driver_rows(&self.ebpf, kallsyms)?);
+            }
         }
         Ok(rows)
     }

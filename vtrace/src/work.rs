@@ -132,6 +132,8 @@ pub struct WorkTier {
     pub drivers: Vec<DriverTimed>,
     /// fentry/fexit pairs on driver functions.
     driver_links: Vec<prog_load::Attached>,
+    /// Function addresses already looked at (timed, refused, or covered by the catalog).
+    examined: std::collections::HashSet<u64>,
 }
 
 /// A driver function found serving a device at run time, and whether it is timed.
@@ -399,6 +401,11 @@ impl WorkTier {
         Ok(out)
     }
 
+    /// Whether the function at `addr` has been looked at already.
+    pub fn examined(&self, addr: u64) -> bool {
+        self.examined.contains(&addr)
+    }
+
     /// Times the driver functions the discovery hooks found on the devices so far (a device's
     /// `ndo_start_xmit` and NAPI poll, read at run time: `ixgbe_xmit_frame`, `dummy_xmit`,
     /// `e1000e_poll`, ...) that no catalog hook or work row covers: the generic fentry/fexit
@@ -413,7 +420,7 @@ impl WorkTier {
     ) -> Vec<String> {
         let mut said = Vec::new();
         for (addr, role, iface) in found {
-            if self.drivers.iter().any(|d| d.addr == *addr) {
+            if !self.examined.insert(*addr) {
                 continue;
             }
             let Some(sym) = kallsyms.symbolize(*addr).filter(|s| s.offset == 0) else {

@@ -114,6 +114,14 @@ impl Kallsyms {
         Kallsyms::from_file(PROC_KALLSYMS)
     }
 
+    /// `/proc/kallsyms` read once per process and shared (drop locations, driver functions,
+    /// kprobe symbols): one copy in memory, taken when first asked for. `None` when it cannot
+    /// be read.
+    pub fn shared() -> Option<&'static Kallsyms> {
+        static SHARED: std::sync::OnceLock<Option<Kallsyms>> = std::sync::OnceLock::new();
+        SHARED.get_or_init(|| Kallsyms::load().ok()).as_ref()
+    }
+
     /// Reads a file in kallsyms format.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Kallsyms, KallsymsError> {
         let path = path.as_ref();

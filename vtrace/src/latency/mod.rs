@@ -167,9 +167,11 @@ pub fn run(args: &LatencyArgs) -> Result<()> {
                 lost: counters.get(Counter::LostEvents),
             };
             if last {
-                let kallsyms = crate::kernel::kallsyms::Kallsyms::load().ok();
-                report.drivers =
-                    crate::discovery::discovered(tracer, pipeline.namer(), kallsyms.as_ref())?;
+                report.drivers = crate::discovery::discovered(
+                    tracer,
+                    pipeline.namer(),
+                    crate::kernel::kallsyms::Kallsyms::shared(),
+                )?;
                 final_report = Some(report);
             } else if live {
                 print!("\x1b[2J\x1b[H{}", report.render(args.top));

@@ -156,6 +156,15 @@ impl WorkFn {
         }
     }
 
+    /// Runs once per frame (tun's calls, netback's per-packet copy setup) rather than once per
+    /// batch: the dearer rows to time under a flood.
+    pub const fn per_packet(self) -> bool {
+        matches!(
+            self,
+            WorkFn::TunGetUser | WorkFn::TunSendmsg | WorkFn::TunRecvmsg | WorkFn::XenvifRxSkb
+        )
+    }
+
     /// The wake-up row is an interval between two functions, not a function's call.
     pub const fn is_interval(self) -> bool {
         matches!(self, WorkFn::VhostWakeup)

@@ -83,6 +83,10 @@ pub struct DropsReport {
     /// device whose rounds use their whole budget has more waiting than one round takes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drivers: Vec<crate::discovery::DriverFunction>,
+    /// Polls and per-batch work functions timed per call (see `work::WorkSet::Batches`): how
+    /// long the rounds that drain a backlog take.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub work: Vec<crate::work::WorkRow>,
 }
 
 /// Turns raw kernel rows and counter deltas into the report.
@@ -248,7 +252,8 @@ pub fn run(args: &DropsArgs) -> Result<()> {
         hooks: vec![Hook::KfreeSkb, Hook::NapiPoll],
         ring_bytes: 4096 * 4,
         functions: false,
-        work: false,
+        // Where backlogs form: polls and netback's and vhost's batches, timed per call.
+        work: crate::work::WorkSet::Batches,
     };
     let timing = Timing {
         duration: args.timing.duration.map(Duration::from_secs_f64),
@@ -277,6 +282,7 @@ pub fn run(args: &DropsArgs) -> Result<()> {
                     kfree_skb_calls: counters.hook(Hook::KfreeSkb),
                     failed_map_inserts: counters.get(Counter::DropInsertFailed),
                     drivers: resolver.drivers(tracer)?,
+                    work: tracer.work_rows()?,
                 });
                 return Ok(());
             }
@@ -397,6 +403,7 @@ pub fn render(r: &DropsReport) -> String {
         }
     }
     s.push_str(&crate::discovery::render(&r.drivers));
+    s.push_str(&crate::work::render(&r.work));
     if r.failed_map_inserts > 0 {
         let _ = writeln!(
             s,

@@ -93,9 +93,9 @@ pub async fn run(
     let mut tracer = Tracer::start(opts)?;
     if let Some(line) = function_tier_summary(&tracer) {
         eprintln!("vtrace: {line}");
-        if !tracer.work.attached.is_empty() || !tracer.work.refused.is_empty() {
-            eprintln!("vtrace: {}", tracer.work.summary());
-        }
+    }
+    if !tracer.work.attached.is_empty() || !tracer.work.refused.is_empty() {
+        eprintln!("vtrace: {}", tracer.work.summary());
     }
     let mut ring = tracer.take_events()?;
     // The programs submit without waking this process (a wakeup per event costs the kernel

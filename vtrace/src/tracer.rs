@@ -127,8 +127,8 @@ pub struct Tracer {
     final_costs: Option<Vec<crate::cost::ProgramCost>>,
     /// The work functions timed with the function tier (see `work`).
     pub work: crate::work::WorkTier,
-    /// Whether the work functions, and the driver functions found at run time, are timed.
-    work_enabled: bool,
+    /// Which work functions, and driver functions found at run time, are timed.
+    work_set: crate::work::WorkSet,
     /// vtrace's object relocated against this tracer's maps, for the programs vtrace loads
     /// itself; made before the ring buffer is taken out of `ebpf`.
     linker: LazyLinker,
@@ -142,8 +142,8 @@ pub struct TracerOptions {
     pub ring_bytes: u32,
     /// Also attach the function tier where the kernel allows it.
     pub functions: bool,
-    /// With `functions`, also time the work functions (see `work`).
-    pub work: bool,
+    /// Which work functions to time (see `work`).
+    pub work: crate::work::WorkSet,
 }
 
 /// Checks that the running kernel's prototype of a function hook has the packet (and the
@@ -211,15 +211,15 @@ impl Tracer {
             received: 0,
             final_costs: None,
             work: Default::default(),
-            work_enabled: opts.functions && opts.work,
+            work_set: opts.work,
             linker: LazyLinker::default(),
         };
         for hook in &opts.hooks {
             let how = tracer.attach(*hook, &btf)?;
             tracer.attached.push((*hook, how));
         }
-        if opts.functions {
-            tracer.attach_functions(&btf, opts.work);
+        if opts.functions || opts.work != crate::work::WorkSet::None {
+            tracer.attach_functions(&btf, opts.functions, opts.work);
         }
         Ok(tracer)
     }
@@ -227,13 +227,15 @@ impl Tracer {
     /// The function tier: every function hook the kernel allows, fentry first, then kprobe.
     /// A hook that cannot be attached is recorded in `refused` with the reason, and nothing
     /// of it stays loaded.
-    fn attach_functions(&mut self, btf: &Btf, work: bool) {
+    fn attach_functions(&mut self, btf: &Btf, hops: bool, work: crate::work::WorkSet) {
         let info = match crate::kernel::btf::Btf::vmlinux() {
             Ok(i) => i,
             Err(e) => {
-                for hook in Hook::FUNCTIONS {
-                    self.refused
-                        .push((hook, format!("cannot read the kernel's BTF: {e}")));
+                if hops {
+                    for hook in Hook::FUNCTIONS {
+                        self.refused
+                            .push((hook, format!("cannot read the kernel's BTF: {e}")));
+                    }
                 }
                 return;
             }
@@ -242,20 +244,20 @@ impl Tracer {
         let kallsyms = crate::kernel::kallsyms::Kallsyms::shared();
         // The object relocated against this Tracer's maps, made on the first module function.
         let mut linker = std::mem::take(&mut self.linker);
-        if work {
+        if work != crate::work::WorkSet::None {
             // Driver functions are found and attached later, after the ring buffer has been
             // taken out of `ebpf`: the linker needs every map, so it is made now.
             if let Err(e) = linker.get(&self.ebpf, btf) {
                 eprintln!("vtrace: driver functions will not be timed: {e}");
             }
         }
-        for hook in Hook::FUNCTIONS {
+        for hook in Hook::FUNCTIONS.into_iter().filter(|_| hops) {
             match self.attach_function(hook, btf, info, &kprobes, kallsyms, &mut linker) {
                 Ok(how) => self.attached.push((hook, how)),
                 Err(why) => self.refused.push((hook, why)),
             }
         }
-        if work {
+        if work != crate::work::WorkSet::None {
             self.work = crate::work::WorkTier::attach_all(
                 &mut self.ebpf,
                 &mut linker,
@@ -265,6 +267,7 @@ impl Tracer {
                     kprobes: &kprobes,
                     kallsyms,
                 },
+                work,
             );
         }
         self.linker = linker;
@@ -273,7 +276,7 @@ impl Tracer {
     /// Times the driver functions the discovery hooks have found on the devices since the
     /// last call (see `WorkTier::time_drivers`); returns a line per function tried.
     pub fn time_discovered_drivers(&mut self) -> Vec<String> {
-        if !self.work_enabled {
+        if self.work_set == crate::work::WorkSet::None {
             return Vec::new();
         }
         let Ok(rows) = crate::discovery::read_rows(self) else {
@@ -288,7 +291,9 @@ impl Tracer {
                     vtrace_common::driver_kind::NAPI_POLL => "napi_poll",
                     _ => return None,
                 };
-                Some((r.stats.func, role, crate::ifname(&r.stats.ifname)))
+                self.work_set
+                    .includes_driver(role)
+                    .then(|| (r.stats.func, role, crate::ifname(&r.stats.ifname)))
             })
             .collect();
         if found.is_empty() {
@@ -814,7 +819,7 @@ mod tests {
             hooks: Vec::new(),
             ring_bytes: 1 << 16,
             functions: false,
-            work: false,
+            work: crate::work::WorkSet::None,
         })
         .expect("tracer starts");
         let btf = Btf::from_sys_fs().expect("BTF");

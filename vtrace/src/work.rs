@@ -8,6 +8,10 @@
 //! `kernel::prog_load`, for vmlinux and module functions alike), else kprobe + kretprobe, else
 //! the row is refused with the reason. A row attaches whole or not at all: an entry without
 //! its return would count calls it never times.
+//!
+//! Driver functions no row names (`ixgbe_poll`, `dummy_xmit`, ...) are found from the devices
+//! at run time, by the discovery hooks, and timed from then on by one generic fentry/fexit
+//! pair keyed by the function's address (`WorkTier::time_drivers`).
 
 use anyhow::{anyhow, Result};
 use aya::{
@@ -118,6 +122,37 @@ fn locate(cx: &AttachContext, name: &str, module: &'static str) -> Result<Locate
     }
 }
 
+/// Which work functions a command times.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkSet {
+    None,
+    /// Every row, and every driver function found at run time (`latency`, `serve`).
+    All,
+    /// The rows that run once per batch (polls, netback's actions, vhost's handlers and
+    /// wake-up) and the NAPI poll functions found at run time: where backlogs, and then
+    /// drops, build up (`drops`, which runs under floods: no per-frame rows).
+    Batches,
+}
+
+impl WorkSet {
+    fn includes(self, row: WorkFn) -> bool {
+        match self {
+            WorkSet::None => false,
+            WorkSet::All => true,
+            WorkSet::Batches => !row.per_packet(),
+        }
+    }
+
+    /// Whether a driver function found in `role` (`ndo_start_xmit`, `napi_poll`) is timed.
+    pub fn includes_driver(self, role: &str) -> bool {
+        match self {
+            WorkSet::None => false,
+            WorkSet::All => true,
+            WorkSet::Batches => role == "napi_poll",
+        }
+    }
+}
+
 /// What vtrace attached of the work tier, and what it could not.
 #[derive(Default)]
 pub struct WorkTier {
@@ -158,10 +193,15 @@ pub struct AttachContext<'a> {
 }
 
 impl WorkTier {
-    /// Attaches every row the kernel allows.
-    pub fn attach_all(ebpf: &mut Ebpf, linker: &mut LazyLinker, cx: &AttachContext) -> WorkTier {
+    /// Attaches every row of `set` the kernel allows.
+    pub fn attach_all(
+        ebpf: &mut Ebpf,
+        linker: &mut LazyLinker,
+        cx: &AttachContext,
+        set: WorkSet,
+    ) -> WorkTier {
         let mut tier = WorkTier::default();
-        for row in WorkFn::ALL {
+        for row in WorkFn::ALL.into_iter().filter(|r| set.includes(*r)) {
             let result = if row.is_interval() {
                 tier.attach_wakeup(ebpf, linker, cx)
             } else {
@@ -532,7 +572,7 @@ impl WorkTier {
         let mut line = format!(
             "work functions: {} of {} timed",
             self.attached.len(),
-            WORK_FN_COUNT
+            self.attached.len() + self.refused.len()
         );
         if !self.attached.is_empty() {
             let names: Vec<String> = self
@@ -824,6 +864,38 @@ mod tests {
         assert_eq!(render(&[]), "");
     }
 
+    /// `drops` times only what runs once per batch: no per-frame rows, no driver transmit.
+    #[test]
+    fn the_batches_set_leaves_per_frame_work_out() {
+        let batches: Vec<&str> = WorkFn::ALL
+            .into_iter()
+            .filter(|r| WorkSet::Batches.includes(*r))
+            .map(|r| r.name())
+            .collect();
+        for f in [
+            "handle_tx",
+            "handle_rx",
+            "vhost_wakeup",
+            "xenvif_poll",
+            "veth_poll",
+        ] {
+            assert!(batches.contains(&f), "{f}");
+        }
+        for f in [
+            "tun_get_user",
+            "tun_sendmsg",
+            "tun_recvmsg",
+            "xenvif_rx_skb",
+        ] {
+            assert!(!batches.contains(&f), "{f}");
+        }
+        assert!(WorkFn::ALL.into_iter().all(|r| WorkSet::All.includes(r)));
+        assert!(!WorkFn::ALL.into_iter().any(|r| WorkSet::None.includes(r)));
+        assert!(WorkSet::Batches.includes_driver("napi_poll"));
+        assert!(!WorkSet::Batches.includes_driver("ndo_start_xmit"));
+        assert!(WorkSet::All.includes_driver("ndo_start_xmit"));
+    }
+
     /// Every row's function (and the wake-up's ends) is in the hook catalog with its module,
     /// so `vtrace hooks` lists what the work tier attaches.
     #[test]
@@ -907,7 +979,7 @@ mod tests {
             hooks: Vec::new(),
             ring_bytes: 1 << 16,
             functions: true,
-            work: true,
+            work: WorkSet::All,
         })
         .expect("tracer starts");
         let tier = &tracer.work;

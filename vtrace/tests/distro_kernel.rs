@@ -155,7 +155,10 @@ traced_run() {
     L=$1; T=$2; P=$3; KP=$4
     VTRACE_KPROBES=$KP /bin/vtrace latency --json --cost --duration 300 > /tmp/out 2> /tmp/err &
     VT=$!
+    VTRACE_KPROBES=$KP /bin/vtrace drops --json --duration 300 > /tmp/dout 2> /tmp/derr &
+    VD=$!
     for i in $(seq 1 240); do grep -q "vtrace: attached" /tmp/err && break; sleep 0.5; done
+    for i in $(seq 1 240); do grep -q "vtrace: attached" /tmp/derr && break; sleep 0.5; done
     /bin/vtrace-lab vhost --tap $T --frames 500 --src $P.2 --dst $P.1 --linger-ms 6000 \
         > /tmp/vh 2>&1 &
     VH=$!
@@ -171,9 +174,12 @@ traced_run() {
     wait $VH
     echo "$L VH_RC=$?"
     cat /tmp/vh
-    kill -INT $VT
+    kill -INT $VT $VD
     wait $VT
     echo "$L VT_RC=$?"
+    wait $VD
+    echo "$L VD_RC=$?"
+    echo "$L DROPS_BEGIN"; cat /tmp/dout; echo; echo "$L DROPS_END"
     echo "$L ERR_BEGIN"; cat /tmp/err; echo "$L ERR_END"
     echo "$L OUT_BEGIN"; cat /tmp/out; echo; echo "$L OUT_END"
 }
@@ -338,6 +344,32 @@ fn vhost_work_in_guest(without_btf: &[&str], runs: [(&str, &str); 2]) -> String 
                 c["ns_per_run"].as_f64().unwrap_or(0.0)
             );
         }
+        // `drops` times the per-batch rows only (handlers, wake-up), not tun's per-frame calls.
+        assert!(
+            console.contains(&format!("{label} VD_RC=0")),
+            "vtrace drops failed in the {label} run"
+        );
+        let drops: Value = serde_json::from_str(
+            between(
+                &console,
+                &format!("{label} DROPS_BEGIN"),
+                &format!("{label} DROPS_END"),
+            )
+            .trim(),
+        )
+        .unwrap_or_else(|e| panic!("vtrace drops' report ({label}): {e}\n{console}"));
+        let drops_work: Vec<&str> = drops["work"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|r| r["function"].as_str()).collect())
+            .unwrap_or_default();
+        println!("  {label}: drops timed {drops_work:?}");
+        for f in ["handle_tx", "handle_rx", "vhost_wakeup"] {
+            assert!(
+                drops_work.contains(&f),
+                "drops did not time {f} ({label}): {drops}"
+            );
+        }
+        assert!(!drops_work.contains(&"tun_sendmsg"), "({label}): {drops}");
         let handle_tx: Vec<&&Value> = costs
             .iter()
             .filter(|c| c["hook"] == "work:handle_tx" && c["runs"].as_u64().unwrap_or(0) >= 1)

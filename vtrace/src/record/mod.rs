@@ -173,7 +173,7 @@ pub fn record(args: &RecordArgs) -> Result<()> {
         // Function-tier hops only add to tracked packets' paths.
         functions: true,
         // Record files hold hop events and drops; work statistics are not in the format.
-        work: false,
+        work: crate::work::WorkSet::None,
     };
     let timing = Timing {
         duration: args.duration.map(Duration::from_secs_f64),
@@ -476,6 +476,8 @@ fn drops_report(trailer: Option<&Trailer>, duration_s: f64, counters: &Counters)
         kfree_skb_calls: counters.hook(Hook::KfreeSkb),
         failed_map_inserts: counters.get(Counter::DropInsertFailed),
         drivers: trailer.map(|t| t.drivers.clone()).unwrap_or_default(),
+        // Record files hold no work statistics.
+        work: Vec::new(),
     }
 }
 

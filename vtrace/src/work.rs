@@ -464,6 +464,20 @@ impl WorkTier {
                 continue;
             }
             let Some(sym) = kallsyms.symbolize(*addr).filter(|s| s.offset == 0) else {
+                // Not the start of a function /proc/kallsyms listed when vtrace read it (a
+                // module loaded since): said, not skipped silently.
+                let function = format!("{addr:#x}");
+                let why = "no function starts there in /proc/kallsyms as read at start";
+                said.push(format!(
+                    "driver function {function} ({role} of {iface}): not timed: {why}"
+                ));
+                self.drivers.push(DriverTimed {
+                    addr: *addr,
+                    function,
+                    module: None,
+                    role,
+                    result: Err(why.to_string()),
+                });
                 continue;
             };
             let (function, module) = (sym.name.to_string(), sym.module.map(str::to_string));

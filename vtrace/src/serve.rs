@@ -558,7 +558,8 @@ pub fn run(args: &ServeArgs) -> Result<()> {
         ring_bytes: args.ring_kib.saturating_mul(1024),
         // Function-tier hops only add to tracked packets' paths.
         functions: true,
-        work: crate::work::WorkSet::All,
+        // Always on in production: the per-batch rows only, no per-frame timing.
+        work: crate::work::WorkSet::Batches,
     };
     let timing = Timing {
         duration: args.duration.map(Duration::from_secs_f64),

@@ -18,7 +18,10 @@ Everything it attaches is owned by the process and disappears when it exits.",
 vtrace latency --duration 10         per-stage latency of all traffic for 10 s\n  \
 vtrace latency --proto icmp --json   ping paths, as JSON for scripts\n  \
 vtrace drops --iface tap0 --duration 30\n  \
-vtrace compare native.json vm.json   which stages make the VM path slower"
+vtrace compare native.json vm.json   which stages make the VM path slower\n\n\
+Environment:\n  \
+VTRACE_RAW_TRACEPOINTS=1   attach raw tracepoints without trying tp_btf (what older kernels run)\n  \
+VTRACE_KPROBES=1           attach the function tier by kprobe without trying fentry"
 )]
 pub struct Cli {
     #[command(subcommand)]

@@ -26,6 +26,10 @@ use crate::guest::{
     resolve_modules, unpack, CpioWriter, BUSYBOX_PACKAGE, INITRAMFS_DIRS, KERNEL_METAPACKAGE,
 };
 
+/// A `linux-image-*.deb` to boot instead of the one `linux-image-amd64` depends on (its
+/// modules come from the same package).
+pub const KERNEL_DEB_ENV: &str = "VTRACE_GUEST_KERNEL_DEB";
+
 /// The line `/init` prints after the script, with its exit status.
 pub const DONE_MARKER: &str = "VTRACE_GUEST_RUN_DONE";
 
@@ -93,14 +97,20 @@ pub fn run_in_guest(cache_dir: &Path, what: &GuestRun) -> Result<GuestOutput> {
         let (vmlinuz, release, initrd) = {
             // The .debs are shared with the VM lab's image builder: same lock.
             let _lock = lock_dir(cache_dir)?;
-            let meta = download(&debs, KERNEL_METAPACKAGE, false)?;
-            let depends = run(Command::new("dpkg-deb")
-                .args(["-f"])
-                .arg(&meta)
-                .arg("Depends"))?;
-            let kernel_package = kernel_dependency(&depends)
-                .with_context(|| format!("no linux-image-* dependency in {depends:?}"))?;
-            let kernel_deb = download(&debs, &kernel_package, false)?;
+            let kernel_deb = match std::env::var_os(KERNEL_DEB_ENV) {
+                // Another distribution kernel, for a run by hand (e.g. a backport).
+                Some(path) => PathBuf::from(path),
+                None => {
+                    let meta = download(&debs, KERNEL_METAPACKAGE, false)?;
+                    let depends = run(Command::new("dpkg-deb")
+                        .args(["-f"])
+                        .arg(&meta)
+                        .arg("Depends"))?;
+                    let kernel_package = kernel_dependency(&depends)
+                        .with_context(|| format!("no linux-image-* dependency in {depends:?}"))?;
+                    download(&debs, &kernel_package, false)?
+                }
+            };
             let busybox_deb = download(&debs, BUSYBOX_PACKAGE, false)?;
             let kroot = work.join("kernel");
             let broot = work.join("busybox");
@@ -202,9 +212,27 @@ fn shared_libraries(prog: &Path) -> Result<Vec<PathBuf>> {
     Ok(libs)
 }
 
+/// A work directory of its own for one run: `run-<pid>-<n>`, so that runs in parallel (tests
+/// of one process, or of several) never share one. Directories a dead process left behind
+/// (a killed run) are removed on the way.
 fn tempdir(cache_dir: &Path) -> Result<PathBuf> {
-    let d = cache_dir.join(format!("run-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&d);
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    if let Ok(entries) = fs::read_dir(cache_dir) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let pid = name
+                .strip_prefix("run-")
+                .and_then(|r| r.split('-').next())
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(pid) = pid {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let d = cache_dir.join(format!("run-{}-{n}", std::process::id()));
     fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
     Ok(d)
 }

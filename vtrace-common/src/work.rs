@@ -19,8 +19,8 @@ pub enum WorkFn {
     /// `vhost_run_work_list`: one wake-up of a vhost worker, running its queued work (6.4+;
     /// before 6.4 the worker is `vhost_worker`, a loop that never returns, so not timed).
     VhostRunWorkList = 2,
-    /// The vhost worker's wake-up: work queued (`vhost_vq_work_queue`, before 6.5
-    /// `vhost_work_queue`) until its handler (`handle_{tx,rx}_{kick,net}`) starts.
+    /// The vhost worker's wake-up: work queued (`vhost_worker_queue`/`vhost_vq_work_queue`,
+    /// before 6.5 `vhost_work_queue`) until its handler (`handle_{tx,rx}_{kick,net}`) starts.
     VhostWakeup = 3,
     /// `tun_get_user`: a VMM's write (or vhost's sendmsg) builds an skb from a guest frame.
     TunGetUser = 4,
@@ -171,10 +171,13 @@ impl WorkFn {
     }
 }
 
-/// Functions that queue vhost work, newest name first (`struct vhost_work *` at
-/// `WAKEUP_QUEUE_WORK_ARG`): `vhost_vq_work_queue(vq, work)` since 6.5, `vhost_work_queue(dev,
-/// work)` before.
-pub const WAKEUP_QUEUE_FUNCTIONS: [&str; 2] = ["vhost_vq_work_queue", "vhost_work_queue"];
+/// Functions that queue vhost work (`struct vhost_work *` at `WAKEUP_QUEUE_WORK_ARG`):
+/// `vhost_worker_queue(worker, work)` and `vhost_vq_work_queue(vq, work)` since 6.5,
+/// `vhost_work_queue(dev, work)` before. vtrace attaches to every one the kernel has: Debian's
+/// 6.12 inlines `vhost_vq_work_queue` into `vhost_poll_queue` and `vhost_poll_wakeup` (the
+/// kick path), which call `vhost_worker_queue` directly.
+pub const WAKEUP_QUEUE_FUNCTIONS: [&str; 3] =
+    ["vhost_worker_queue", "vhost_vq_work_queue", "vhost_work_queue"];
 /// vhost-net's work handlers, which the worker calls through `work->fn` (so never inlined):
 /// a guest kick on a virtqueue, or the tap's socket becoming ready.
 pub const WAKEUP_RUN_FUNCTIONS: [&str; 4] = [

@@ -220,6 +220,12 @@ pub const CATALOG: &[HookPoint] = &[
         "the vhost worker (a vhost_task since 6.4) runs its queued work",
     ),
     func(
+        "vhost_worker_queue",
+        Stage::TapVhost,
+        "vhost",
+        "work queued on a vhost worker (6.5+; what the kick path calls): the wake-up starts",
+    ),
+    func(
         "vhost_vq_work_queue",
         Stage::TapVhost,
         "vhost",

@@ -272,63 +272,65 @@ impl WorkTier {
             .map_err(|e| format!("{fentry_said}; kprobe: {e}"))
     }
 
-    /// The wake-up: the queueing function (the newest name this kernel has) and every
-    /// vhost-net work handler it has, all attached or none.
+    /// The wake-up: every work-queueing function this kernel has (which of them its callers
+    /// reach, and which are inlined into them, differs between versions and builds) and every
+    /// vhost-net work handler, all attached or none. A work queued through two of them (one
+    /// calls the other) is stamped once: the map keeps the first.
     fn attach_wakeup(
         &mut self,
         ebpf: &mut Ebpf,
         linker: &mut LazyLinker,
         cx: &AttachContext,
     ) -> Result<Attachment, String> {
-        let queue = WAKEUP_QUEUE_FUNCTIONS
-            .iter()
-            .find_map(|f| locate(cx, f, "vhost").ok().map(|l| (*f, l)));
-        let Some((queue_fn, queue_at)) = queue else {
-            return Err(locate(cx, WAKEUP_QUEUE_FUNCTIONS[0], "vhost")
-                .err()
-                .unwrap_or_else(|| "no vhost work-queueing function here".into()));
-        };
-        if let Some(btf) = queue_at.btf(cx.vmlinux) {
-            check_work_arg(btf, queue_fn, WAKEUP_QUEUE_WORK_ARG)?;
-        }
-        let mut runs = Vec::new();
-        for f in WAKEUP_RUN_FUNCTIONS {
-            if let Ok(at) = locate(cx, f, "vhost_net") {
-                if let Some(btf) = at.btf(cx.vmlinux) {
-                    check_work_arg(btf, f, WAKEUP_RUN_WORK_ARG)?;
+        // Both ends: (program index, function, where it is), the `vhost_work *` checked.
+        let mut ends: Vec<(usize, &str, Located)> = Vec::new();
+        for (functions, module, arg, end) in [
+            (
+                &WAKEUP_QUEUE_FUNCTIONS[..],
+                "vhost",
+                WAKEUP_QUEUE_WORK_ARG,
+                0,
+            ),
+            (
+                &WAKEUP_RUN_FUNCTIONS[..],
+                "vhost_net",
+                WAKEUP_RUN_WORK_ARG,
+                1,
+            ),
+        ] {
+            let before = ends.len();
+            for f in functions {
+                if let Ok(at) = locate(cx, f, module) {
+                    if let Some(btf) = at.btf(cx.vmlinux) {
+                        check_work_arg(btf, f, arg)?;
+                    }
+                    ends.push((end, f, at));
                 }
-                runs.push((f, at));
+            }
+            if ends.len() == before {
+                return Err(locate(cx, functions[0], module)
+                    .err()
+                    .unwrap_or_else(|| format!("none of {} here", functions.join(", "))));
             }
         }
-        if runs.is_empty() {
-            return Err(locate(cx, WAKEUP_RUN_FUNCTIONS[0], "vhost_net")
-                .err()
-                .unwrap_or_else(|| "no vhost-net work handler here".into()));
-        }
+        let programs = [WAKE_QUEUE, WAKE_RUN];
         let fentry_said = match crate::tracer::fentry_skipped()
-            .or_else(|| {
-                std::iter::once(&queue_at)
-                    .chain(runs.iter().map(|(_, at)| at))
-                    .find_map(Located::no_btf)
-            })
+            .or_else(|| ends.iter().find_map(|(_, _, at)| at.no_btf()))
             .map_or_else(|| linker.get(ebpf, cx.btf), Err)
             .and_then(|l| {
-                let fentry = |prog: &str, f: &str, at: &Located| {
-                    prog_load::tracing_at(
-                        l,
-                        prog,
-                        bpf_attach_type::BPF_TRACE_FENTRY,
-                        f,
-                        at.btf(cx.vmlinux).unwrap_or(cx.vmlinux),
-                        at.module,
-                    )
-                    .map_err(|e| format!("{f}: {}", e.message))
-                };
-                let mut links = vec![fentry(WAKE_QUEUE[0], queue_fn, &queue_at)?];
-                for (f, at) in &runs {
-                    links.push(fentry(WAKE_RUN[0], f, at)?);
-                }
-                Ok(links)
+                ends.iter()
+                    .map(|(end, f, at)| {
+                        prog_load::tracing_at(
+                            l,
+                            programs[*end][0],
+                            bpf_attach_type::BPF_TRACE_FENTRY,
+                            f,
+                            at.btf(cx.vmlinux).unwrap_or(cx.vmlinux),
+                            at.module,
+                        )
+                        .map_err(|e| format!("{f}: {}", e.message))
+                    })
+                    .collect::<Result<Vec<_>, String>>()
             }) {
             Ok(links) => {
                 self.links
@@ -337,16 +339,17 @@ impl WorkTier {
             }
             Err(e) => format!("fentry: {e}"),
         };
-        let queue_sym = self.kprobe_symbol(cx, queue_fn, &fentry_said)?;
-        let mut run_syms = Vec::new();
-        for (f, _) in &runs {
-            run_syms.push(self.kprobe_symbol(cx, f, &fentry_said)?);
+        let mut symbols: [Vec<String>; 2] = Default::default();
+        for (end, f, _) in &ends {
+            symbols[*end].push(self.kprobe_symbol(cx, f, &fentry_said)?);
         }
-        let run_refs: Vec<&str> = run_syms.iter().map(String::as_str).collect();
+        let [queue, run] = symbols;
+        let queue: Vec<&str> = queue.iter().map(String::as_str).collect();
+        let run: Vec<&str> = run.iter().map(String::as_str).collect();
         self.attach_kprobes(
             ebpf,
             WorkFn::VhostWakeup,
-            &[(WAKE_QUEUE[1], &[&queue_sym]), (WAKE_RUN[1], &run_refs)],
+            &[(WAKE_QUEUE[1], &queue), (WAKE_RUN[1], &run)],
         )
         .map(|()| Attachment::Kprobe)
         .map_err(|e| format!("{fentry_said}; kprobe: {e}"))

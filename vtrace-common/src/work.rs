@@ -176,8 +176,11 @@ impl WorkFn {
 /// `vhost_work_queue(dev, work)` before. vtrace attaches to every one the kernel has: Debian's
 /// 6.12 inlines `vhost_vq_work_queue` into `vhost_poll_queue` and `vhost_poll_wakeup` (the
 /// kick path), which call `vhost_worker_queue` directly.
-pub const WAKEUP_QUEUE_FUNCTIONS: [&str; 3] =
-    ["vhost_worker_queue", "vhost_vq_work_queue", "vhost_work_queue"];
+pub const WAKEUP_QUEUE_FUNCTIONS: [&str; 3] = [
+    "vhost_worker_queue",
+    "vhost_vq_work_queue",
+    "vhost_work_queue",
+];
 /// vhost-net's work handlers, which the worker calls through `work->fn` (so never inlined):
 /// a guest kick on a virtqueue, or the tap's socket becoming ready.
 pub const WAKEUP_RUN_FUNCTIONS: [&str; 4] = [

@@ -806,11 +806,8 @@ mod tests {
             eprintln!("skipped: loading programs needs root");
             return;
         }
-        use crate::kernel::bpf_sys::{self, bpf_cmd};
-        let before: std::collections::HashSet<u32> = bpf_sys::ids(bpf_cmd::BPF_PROG_GET_NEXT_ID)
-            .unwrap()
-            .into_iter()
-            .collect();
+        use crate::kernel::bpf_sys;
+        let before = bpf_sys::program_ids();
         let info = crate::kernel::btf::Btf::vmlinux().expect("BTF");
         let mut config = Config::zeroed();
         config.offsets = crate::kernel::resolve_offsets(info).expect("offsets");

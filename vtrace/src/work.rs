@@ -715,10 +715,14 @@ pub fn rows(attached: &[(WorkFn, Attachment)], stats: &[WorkStats]) -> Vec<WorkR
                 .find(|h| h.name == row.name())
                 .map(|h| h.stage)
                 .unwrap_or(crate::hooks::Stage::TapVhost);
-            Some(WorkRow {
-                returned_unit: unit(row.returns()).map(String::from),
-                ..row_of(row.name(), row.module(), stage, *how, s, None)
-            })
+            Some(row_of(
+                row.name(),
+                row.module(),
+                stage,
+                *how,
+                s,
+                unit(row.returns()),
+            ))
         })
         .collect()
 }
@@ -730,7 +734,7 @@ fn row_of(
     stage: crate::hooks::Stage,
     how: Attachment,
     s: &WorkStats,
-    returned_unit: Option<String>,
+    returned_unit: Option<&str>,
 ) -> WorkRow {
     WorkRow {
         function: function.to_string(),
@@ -748,7 +752,7 @@ fn row_of(
         p99_le_ns: quantile_le(&s.buckets, 0.99),
         max_ns: s.max_ns,
         returned: s.returned,
-        returned_unit,
+        returned_unit: returned_unit.map(String::from),
         errors: s.errors,
         unmatched: s.unmatched,
         buckets: s.buckets,
@@ -976,16 +980,13 @@ mod tests {
     /// refused; tests/distro_kernel.rs runs the attached case.)
     #[test]
     fn every_row_attaches_whole_or_leaves_nothing_loaded() {
-        use crate::kernel::bpf_sys::{self, bpf_cmd};
+        use crate::kernel::bpf_sys;
         use crate::tracer::{Tracer, TracerOptions};
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             panic!("this test loads eBPF programs: run it as root (cargo xtask test)");
         }
-        let before: std::collections::HashSet<u32> = bpf_sys::ids(bpf_cmd::BPF_PROG_GET_NEXT_ID)
-            .unwrap()
-            .into_iter()
-            .collect();
+        let before = bpf_sys::program_ids();
         // Work programs loaded since `before`, once the kernel has freed what is going.
         let work_programs = || bpf_sys::programs_left(&before, "vt_wk_");
         let info = Btf::vmlinux().expect("BTF");

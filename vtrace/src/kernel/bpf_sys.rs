@@ -138,6 +138,15 @@ pub fn prog_names(ids: &[u32]) -> Vec<(u32, String)> {
         .collect()
 }
 
+/// The ids of every program loaded now (tests compare it with what is loaded later).
+#[cfg(test)]
+pub fn program_ids() -> std::collections::HashSet<u32> {
+    ids(bpf_cmd::BPF_PROG_GET_NEXT_ID)
+        .expect("listing BPF programs")
+        .into_iter()
+        .collect()
+}
+
 /// Programs loaded since `before` (a set of program ids) whose names start with `prefix`,
 /// after waiting up to 5 s for them to go (the kernel frees programs asynchronously).
 #[cfg(test)]

@@ -335,7 +335,7 @@ pub fn tracing_at(
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashSet, time::Duration};
+    use std::time::Duration;
 
     use aya::maps::{MapData, PerCpuArray, RingBuf};
     use aya_obj::generated::{bpf_link_info, bpf_link_type};
@@ -532,10 +532,7 @@ mod tests {
             eprintln!("skipped: loading programs needs root");
             return;
         }
-        let before: HashSet<u32> = bpf_sys::ids(bpf_cmd::BPF_PROG_GET_NEXT_ID)
-            .unwrap()
-            .into_iter()
-            .collect();
+        let before = bpf_sys::program_ids();
         let (ebpf, btf) = load_object(&config());
         let linker = Linker::new(crate::tracer::object(), &ebpf, &btf).expect("object links");
         let info = Btf::vmlinux().unwrap();
